@@ -1,0 +1,563 @@
+"""The bridge: takes requests, queues jobs in Redis, runs copies in the thread pool.
+
+:class:`Bridge` is the core that the web layer and the watcher hand work to.
+It has no HTTP in it. Blocking work (path resolution, user checks, the copy
+engine) runs through ``run_in_thread``; the reactor thread only talks to
+Redis and keeps time.
+
+One process runs at most ``[copy] max_jobs`` copies at once. Jobs wait in the
+Redis queue where any process may claim them; a claim is a lease renewed by
+:meth:`Bridge.tick` every second, and a lease that lapses (a killed process,
+a lost host) puts the job back in the queue for whoever is alive.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import pwd
+import secrets
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Awaitable, Callable
+
+import attrs
+from twisted.internet import defer, task
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.threads import blockingCallFromThread
+from twisted.logger import Logger
+
+from dtsbridge import engine, errors
+from dtsbridge.config import Config
+from dtsbridge.metrics import Metrics
+from dtsbridge.model import Job, Status, now_iso, user_path
+from dtsbridge.store import Store, StoreUnavailable
+
+
+class RequestError(Exception):
+    """A request the bridge refuses; ``code`` is the HTTP status to answer."""
+
+    def __init__(self, code: int, message: str, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.extra = extra
+
+
+class Draining(Exception):
+    """The process is shutting down and takes no new work."""
+
+
+@attrs.define
+class Running:
+    """A copy this process is running."""
+
+    job_id: str
+    token: str
+    started: float
+    stop: threading.Event = attrs.Factory(threading.Event)
+    files_done: int = 0
+    bytes_done: int = 0
+    files_total: int | None = None
+    bytes_total: int | None = None
+    phase: str = "starting"
+    lost: bool = False
+
+
+def hash_code(code: str) -> str:
+    return hashlib.sha256(code.encode()).hexdigest()
+
+
+class Bridge:
+    """Jobs from request to final state."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, store: Store, run_in_thread: Callable[..., Deferred],
+                 user_checker, reactor=None, metrics: Metrics | None = None, executor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: F811
+        self.config = config
+        self.store = store
+        self.run_in_thread = run_in_thread
+        self.users = user_checker
+        self.reactor = reactor
+        self.metrics = metrics or Metrics()
+        self.executor = executor
+        self.holder = f"{socket.gethostname()}:{os.getpid()}"
+        self.running: dict[str, Running] = {}
+        self.draining = False
+        self.halt_when_idle = False  # SIGUSR2: finish current jobs, take no more
+        self._waiters: dict[str, list[Deferred]] = {}
+        self._claiming = False
+        self._poll = None
+        self._tick = None
+        self.metrics.add_gauge("dtsbridge_redis_errors_total_seen", "Redis errors and timeouts seen",
+                               lambda: self.store.errors)
+
+    # -- lifecycle -------------------------------------------------------
+
+    def start(self) -> None:
+        self._poll = task.LoopingCall(self._claim_soon)
+        self._poll.clock = self.reactor
+        self._poll.start(0.2, now=False)
+        self._tick = task.LoopingCall(lambda: ensureDeferred(self.tick()))
+        self._tick.clock = self.reactor
+        self._tick.start(1.0, now=True)
+        self.reactor.callLater(0, lambda: ensureDeferred(self.recover_dead_local()))
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Take no new work; let running copies finish for ``grace`` seconds, then hand them back."""
+        self.draining = True
+        for loop in (self._poll,):
+            if loop is not None and loop.running:
+                loop.stop()
+        grace = self.config.drain_grace if grace is None else grace
+        deadline = time.monotonic() + grace
+        while self.running and time.monotonic() < deadline:
+            await task.deferLater(self.reactor, 0.1, lambda: None)
+        for run in list(self.running.values()):
+            self.log.info("handing {job_id} back to the queue at shutdown", job_id=run.job_id)
+            run.lost = True
+            run.stop.set()
+            try:
+                await self.store.release(run.job_id, run.token, "handed back to the queue by a stopping process")
+            except Exception as e:  # noqa: BLE001
+                self.log.warn("could not hand {job_id} back: {e}", job_id=run.job_id, e=e)
+        # give the engines a moment to clean their temporary folders
+        deadline = time.monotonic() + 10
+        while self.running and time.monotonic() < deadline:
+            await task.deferLater(self.reactor, 0.05, lambda: None)
+        if self._tick is not None and self._tick.running:
+            self._tick.stop()
+
+    # -- requests --------------------------------------------------------
+
+    def _ownership(self, user: str) -> tuple[int | None, int | None]:
+        if self.config.ownership == "fixed":
+            return self.config.uid, self.config.gid
+        if self.config.ownership == "passwd":
+            pw = pwd.getpwnam(user)
+            return pw.pw_uid, pw.pw_gid
+        return None, None
+
+    async def check_user(self, user: str) -> None:
+        if not engine.valid_username(user):
+            raise RequestError(400, "target_user is not a valid KBase username "
+                                    "(a lowercase letter, then lowercase letters, digits or _; at most 100)")
+        if not await self.users.exists(user):
+            raise RequestError(400, f"user {user!r} does not exist")
+        if self.config.users_check != "directory":
+            uid, gid = await self.run_in_thread(self._ownership, user)
+            await self.run_in_thread(engine.ensure_dir, self.config.user_root, [user], uid, gid)
+
+    async def resolve(self, subdirectory: str) -> engine.Source:
+        try:
+            return await self.run_in_thread(engine.resolve_source, self.config.dts_root, subdirectory)
+        except errors.TransferError as e:
+            raise RequestError(e.http_status, e.message, reason=e.reason) from None
+
+    def _new_fields(self, status: Status, user: str, subdirectory: str, submitter: str, kind: str,
+                    source: engine.Source | None) -> dict[str, Any]:
+        now = now_iso()
+        fields: dict[str, Any] = {
+            "status": status.value,
+            "target_user": user,
+            "subdirectory": subdirectory,
+            "submitter": submitter,
+            "kind": kind,
+            "dest_parts": "/".join((user, *self.config.target_subdir)),
+            "time_submitted": now,
+            "detailed_status": "queued" if status == Status.SUBMITTED else "waiting for the stager",
+        }
+        if status == Status.STAGING:
+            fields["time_staging"] = now
+        if source is not None:
+            fields["source_rel"] = source.rel
+        return fields
+
+    async def submit(self, user: str, subdirectory: str, submitter: str, kind: str = "complete",
+                     source: engine.Source | None = None) -> tuple[Job, bool]:
+        """Queue a copy of ``subdirectory`` for ``user``, or join the job that already owns it.
+
+        Returns the job and whether this call created it.
+        """
+        if self.draining:
+            raise Draining()
+        await self.check_user(user)
+        if source is None:
+            source = await self.resolve(subdirectory)
+        job_id = str(uuid.uuid4())
+        created, job_id = await self.store.create_job(
+            job_id, self._new_fields(Status.SUBMITTED, user, subdirectory, submitter, kind, source),
+            folder_key=self.store.folder_key(user, source.rel))
+        if created:
+            self.log.info("job {job_id} queued: {folder} for {user} by {submitter}", job_id=job_id,
+                          folder=source.rel, user=user, submitter=submitter)
+            self._claim_soon()
+        job = await self.store.get_job(job_id)
+        assert job is not None
+        return job, created
+
+    async def submit_staging(self, user: str, subdirectory: str, submitter: str,
+                             timeout: float | None) -> tuple[Job, str]:
+        """Register a job that waits for a stager; returns it and the one-time authcode."""
+        if self.draining:
+            raise Draining()
+        await self.check_user(user)
+        # The folder is checked when staging is done; refuse the obviously bad now.
+        try:
+            engine.normalize_relpath(_relative_to_root(self.config.dts_root, subdirectory))
+        except errors.TransferError as e:
+            raise RequestError(e.http_status, e.message, reason=e.reason) from None
+        timeout = self.config.staging_timeout if timeout is None else timeout
+        if not 0 < timeout <= self.config.staging_max_timeout:
+            raise RequestError(400, f"staging_timeout must be between 0 and {self.config.staging_max_timeout:g} seconds")
+        code = secrets.token_urlsafe(24)
+        job_id = str(uuid.uuid4())
+        fields = self._new_fields(Status.STAGING, user, subdirectory, submitter, "staged", None)
+        fields.update(authcode_hash=hash_code(code), staging_timeout=int(timeout))
+        await self.store.create_job(job_id, fields, enqueue=False)
+        await self.store.add_staging(job_id, timeout)
+        self.log.info("job {job_id} waits for a stager ({timeout:g} s)", job_id=job_id, timeout=timeout)
+        job = await self.store.get_job(job_id)
+        assert job is not None
+        return job, code
+
+    async def done_staging(self, job_id: str, code: str, success: bool, path: str | None,
+                           staged_to: str | None, msg: str | None) -> Job:
+        stored = await self.store.get_field(job_id, "authcode_hash") if _looks_like_id(job_id) else None
+        given = hash_code(code)
+        if stored is None or not hmac.compare_digest(stored, given):
+            raise RequestError(403, "unknown job, wrong or used authcode, or the job is not waiting for staging")
+        fields: dict[str, Any] = {"staged_to": staged_to, "stager_msg": msg, "stager_success": success}
+        if success:
+            job = await self.store.get_job(job_id)
+            assert job is not None
+            subdirectory = path if path else job.subdirectory
+            source = await self.resolve_for_staging(subdirectory)
+            fields.update(source_rel=source.rel, stager_path=path,
+                          detailed_status="staged; queued for copying")
+        else:
+            fields.update(detailed_status=f"the stager reported failure: {msg or 'no message'}")
+        r = await self.store.staged(job_id, given, success, now_iso(), fields)
+        if r != "OK":
+            raise RequestError(403, "unknown job, wrong or used authcode, or the job is not waiting for staging")
+        self.log.info("job {job_id} staged: success={success}", job_id=job_id, success=success)
+        if success:
+            self._claim_soon()
+        else:
+            self.metrics.jobs_finished.labels("ERROR", errors.STAGING_FAILED).inc()
+        job = await self.store.get_job(job_id)
+        assert job is not None
+        return job
+
+    async def resolve_for_staging(self, subdirectory: str) -> engine.Source:
+        try:
+            return await self.resolve(subdirectory)
+        except RequestError as e:
+            # Bad parameters from the stager: 400, and the code is not used up.
+            if e.code in (403, 404):
+                raise RequestError(400, f"path: {e.message}", reason=e.extra.get("reason")) from None
+            raise
+
+    async def cancel(self, job_id: str) -> Job:
+        r = await self.store.cancel(job_id, now_iso(), "cancelled on request")
+        if r == "NOTFOUND":
+            raise RequestError(404, f"no job {job_id}")
+        if r == "PUBLISHING":
+            raise RequestError(409, "the job is publishing its folder and can no longer be cancelled")
+        if r != "OK":
+            raise RequestError(409, f"the job has already ended ({r})")
+        self.log.info("job {job_id} cancelled", job_id=job_id)
+        run = self.running.get(job_id)
+        if run is not None:
+            run.stop.set()
+        else:
+            self.metrics.jobs_finished.labels("CANCELLED", errors.CANCELLED).inc()
+        self._notify(job_id)
+        job = await self.store.get_job(job_id)
+        assert job is not None
+        return job
+
+    async def wait(self, job_id: str) -> Job:
+        """Wait until the job ends (here or in another process)."""
+        failures = 0
+        while True:
+            try:
+                job = await self.store.get_job(job_id)
+                failures = 0
+            except StoreUnavailable:
+                failures += 1
+                if failures > 60:
+                    raise
+                job = None
+            if job is not None and job.final:
+                return job
+            d = Deferred()
+            self._waiters.setdefault(job_id, []).append(d)
+            d.addTimeout(0.5, self.reactor)
+            try:
+                await d
+            except defer.TimeoutError:
+                pass
+            finally:
+                ws = self._waiters.get(job_id, [])
+                if d in ws:
+                    ws.remove(d)
+                if not ws:
+                    self._waiters.pop(job_id, None)
+
+    def _notify(self, job_id: str) -> None:
+        for d in self._waiters.pop(job_id, []):
+            if not d.called:
+                d.callback(None)
+
+    # -- the worker ------------------------------------------------------
+
+    def _claim_soon(self) -> None:
+        if not self._claiming:
+            ensureDeferred(self._claim_loop())
+
+    async def _claim_loop(self) -> None:
+        self._claiming = True
+        try:
+            while (not self.draining and not self.halt_when_idle
+                   and len(self.running) < self.config.max_jobs):
+                token = secrets.token_hex(8)
+                try:
+                    job_id = await self.store.claim(token, self.holder, self.config.lease_seconds, now_iso())
+                except StoreUnavailable:
+                    return
+                if job_id is None:
+                    return
+                run = Running(job_id=job_id, token=token, started=time.monotonic())
+                self.running[job_id] = run
+                self.metrics.in_flight.set(len(self.running))
+                ensureDeferred(self._run(run))
+        except Exception as e:  # noqa: BLE001
+            self.log.failure("claiming jobs failed: {e}", e=e)
+        finally:
+            self._claiming = False
+
+    async def _retrying(self, what: str, job_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
+        """Keep trying a Redis call through an outage; a copy's result must not be lost."""
+        delay = 0.2
+        while True:
+            try:
+                return await call()
+            except StoreUnavailable as e:
+                self.log.warn("{what} for {job_id} waits for Redis: {e}", what=what, job_id=job_id, e=e)
+                await task.deferLater(self.reactor, delay, lambda: None)
+                delay = min(delay * 2, 5)
+
+    async def _run(self, run: Running) -> None:
+        job_id, token = run.job_id, run.token
+        status, fields = "ERROR", {}
+        try:
+            self.metrics.jobs_started.inc()
+            status, fields = await self._copy(run)
+        except Exception as e:  # noqa: BLE001 - any bug ends the job in ERROR, never hangs it
+            self.log.failure("job {job_id} failed unexpectedly", job_id=job_id)
+            status, fields = "ERROR", {"reason": errors.INTERNAL, "detailed_status": f"internal error: {e}"}
+        try:
+            if run.lost:
+                self.log.info("job {job_id}: this process no longer holds it; not recording a result",
+                              job_id=job_id)
+                return
+            ended = await self._retrying("recording the result", job_id, lambda: self.store.finish(
+                job_id, token, status, now_iso(), fields))
+            if ended is not None:
+                self.metrics.jobs_finished.labels(ended, fields.get("reason", "") if ended != "CANCELLED"
+                                                  else errors.CANCELLED).inc()
+                self.metrics.job_seconds.labels(ended).observe(time.monotonic() - run.started)
+                self.log.info("job {job_id} ended {status}: {detail}", job_id=job_id, status=ended,
+                              detail=fields.get("detailed_status", ""))
+        finally:
+            self.running.pop(job_id, None)
+            self.metrics.in_flight.set(len(self.running))
+            self._notify(job_id)
+            self._claim_soon()
+
+    async def _copy(self, run: Running) -> tuple[str, dict[str, Any]]:
+        job = await self._retrying("reading the job", run.job_id, lambda: self.store.get_job(run.job_id))
+        if job is None:
+            return "ERROR", {"reason": errors.INTERNAL, "detailed_status": "job record vanished"}
+        cfg = self.config
+        dest_parts = [p for p in job.dest_parts.split("/") if p]
+        attempt = run.token
+        self.log.info("job {job_id}: copying {folder} for {user} (attempt {attempt})", job_id=job.job_id,
+                      folder=job.source_rel, user=job.target_user, attempt=job.extra.get("attempts"))
+        try:
+            if not job.source_rel:
+                raise errors.TransferError(errors.SOURCE_NOT_FOUND, "the job names no source folder")
+            source = engine.Source(rel=job.source_rel, name=job.source_rel.rsplit("/", 1)[-1])
+            # A previous attempt may have published before its process died.
+            if job.extra.get("publish_ino"):
+                name = await self.run_in_thread(
+                    engine.find_published, cfg.user_root, dest_parts, source.name,
+                    int(job.extra["publish_dev"]), int(job.extra["publish_ino"]))
+                if name is not None:
+                    await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
+                    self.log.info("job {job_id}: found its folder {name} published before a crash",
+                                  job_id=job.job_id, name=name)
+                    return "SUCCESS", {
+                        "path": user_path(job.target_user, cfg.target_subdir, name),
+                        "files_done": job.extra.get("publish_files") or job.files_total or 0,
+                        "bytes_done": job.extra.get("publish_bytes") or job.bytes_total or 0,
+                        "detailed_status": f"published {name} (recovered after a restart)"}
+            await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
+            uid, gid = await self.run_in_thread(self._ownership, job.target_user)
+            options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,
+                                         max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads)
+            phase_started = [time.monotonic()]
+
+            def on_plan(plan) -> None:
+                run.files_total, run.bytes_total = plan.files, plan.bytes
+                run.phase = "copying and verifying"
+                now = time.monotonic()
+                self.metrics.phase_seconds.labels("scan").observe(now - phase_started[0])
+                phase_started[0] = now
+
+            def on_progress(files_done: int, bytes_done: int) -> None:
+                run.files_done, run.bytes_done = files_done, bytes_done
+
+            def before_publish(tmpname: str, dev: int, ino: int) -> bool:
+                run.phase = "publishing"
+                now = time.monotonic()
+                self.metrics.phase_seconds.labels("copy").observe(now - phase_started[0])
+                phase_started[0] = now
+                if run.stop.is_set():
+                    return False
+                return blockingCallFromThread(self.reactor, lambda: ensureDeferred(self._retrying(
+                    "fencing the publish", run.job_id, lambda: self.store.fence(run.job_id, run.token, {
+                        "publish_tmp": tmpname, "publish_dev": dev, "publish_ino": ino,
+                        "publish_files": run.files_total, "publish_bytes": run.bytes_total}))))
+
+            result = await self.run_in_thread(
+                engine.copy_tree, cfg.dts_root, source, cfg.user_root, dest_parts, job.job_id, attempt, options,
+                on_plan=on_plan, on_progress=on_progress, should_stop=run.stop.is_set,
+                before_publish=before_publish, executor=self.executor)
+        except errors.TransferError as e:
+            if e.reason == errors.CANCELLED:
+                return "CANCELLED", {"detailed_status": "cancelled; everything made for it was removed"}
+            return "ERROR", {"reason": e.reason, "detailed_status": e.message,
+                             "files_done": run.files_done, "bytes_done": run.bytes_done}
+        self.metrics.phase_seconds.labels("publish").observe(time.monotonic() - phase_started[0])
+        self.metrics.bytes_copied.inc(result.bytes)
+        self.metrics.files_copied.inc(result.files)
+        detail = f"copied and verified {result.files} files ({result.bytes} bytes) to {result.name}"
+        fields: dict[str, Any] = {
+            "path": user_path(job.target_user, cfg.target_subdir, result.name),
+            "files_total": result.files, "files_done": result.files,
+            "bytes_total": result.bytes, "bytes_done": result.bytes,
+        }
+        if result.manifest_resources or result.size_only:
+            fields["manifest_resources"] = result.manifest_resources
+            fields["manifest_size_only"] = result.size_only
+            detail += f"; manifest: {result.manifest_resources} resources checked"
+            if result.size_only:
+                detail += f", {result.size_only} by size only (no hash given)"
+        fields["detailed_status"] = detail
+        if cfg.delete_source:
+            try:
+                await self.run_in_thread(engine.remove_source, cfg.dts_root, source)
+                fields["source_deleted"] = True
+            except Exception as e:  # noqa: BLE001 - the copy stands; say what was left
+                self.log.warn("job {job_id}: could not delete the source: {e}", job_id=job.job_id, e=e)
+                fields["detailed_status"] = detail + f"; the source could not be deleted: {e}"
+        return "SUCCESS", fields
+
+    # -- housekeeping ------------------------------------------------------
+
+    async def tick(self) -> None:
+        """Every second: renew leases and record progress, then recover lapsed jobs and staging timeouts."""
+        for run in list(self.running.values()):
+            fields = {"files_done": run.files_done, "bytes_done": run.bytes_done,
+                      "files_total": run.files_total, "bytes_total": run.bytes_total,
+                      "detailed_status": run.phase}
+            try:
+                st = await self.store.heartbeat(run.job_id, run.token, self.config.lease_seconds, fields)
+            except StoreUnavailable:
+                continue
+            if st is None:
+                self.log.warn("job {job_id}: lease lost; stopping this copy", job_id=run.job_id)
+                run.lost = True
+                run.stop.set()
+            elif st == "CANCELLED":
+                run.stop.set()
+        try:
+            requeued, ended = await self.store.recover("resumed after its worker was lost")
+            for job_id in requeued:
+                self.log.info("job {job_id}: lease lapsed; back in the queue", job_id=job_id)
+            for job_id in ended:
+                await self._cleanup_ended(job_id)
+            if requeued:
+                self._claim_soon()
+            for job_id in await self.store.sweep_staging(now_iso()):
+                self.log.info("job {job_id}: staging timed out", job_id=job_id)
+                self.metrics.jobs_finished.labels("ERROR", errors.STAGING_TIMEOUT).inc()
+                self._notify(job_id)
+        except StoreUnavailable:
+            pass
+        except Exception:  # noqa: BLE001
+            self.log.failure("housekeeping failed")
+
+    async def _cleanup_ended(self, job_id: str) -> None:
+        job = await self.store.get_job(job_id)
+        if job is None or not job.dest_parts:
+            return
+        parts = [p for p in job.dest_parts.split("/") if p]
+        n = await self.run_in_thread(engine.cleanup_temp, self.config.user_root, parts, job_id)
+        if n:
+            self.log.info("job {job_id}: removed {n} temporary folders of a dead attempt", job_id=job_id, n=n)
+
+    async def recover_dead_local(self) -> None:
+        """At start: jobs held by a dead process on this host go back to the queue at once."""
+        host = socket.gethostname()
+        try:
+            holders = await self.store.active_holders()
+        except StoreUnavailable:
+            self.reactor.callLater(1, lambda: ensureDeferred(self.recover_dead_local()))
+            return
+        for job_id, claim, holder in holders:
+            h, _, pid = holder.rpartition(":")
+            if h != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+                continue
+            requeued, ended = await self.store.recover("resumed after its process died", job_id, claim)
+            for j in ended:
+                await self._cleanup_ended(j)
+            if requeued:
+                self.log.info("job {job_id}: its process {pid} died; back in the queue", job_id=job_id, pid=pid)
+        self._claim_soon()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _looks_like_id(job_id: str) -> bool:
+    try:
+        uuid.UUID(job_id)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
+
+
+def _relative_to_root(dts_root: str, path: str) -> str:
+    """Strip the DTS root from an absolute path for a syntax check (the real check opens the folder)."""
+    if path.startswith("/"):
+        for root in {os.path.normpath(dts_root), os.path.realpath(dts_root)}:
+            if path == root or path.startswith(root.rstrip("/") + "/"):
+                return path[len(root):].lstrip("/") or "."
+        raise errors.TransferError(errors.OUTSIDE_DTS_AREA, f"{path!r} is not inside the DTS area")
+    return path

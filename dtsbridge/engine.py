@@ -1,0 +1,1103 @@
+"""The copy engine: verified, link-safe copies of a DTS folder into a datastore.
+
+Synchronous code meant to run in worker threads; it imports nothing from
+Twisted.  Every path that comes from a request or a manifest is untrusted:
+
+* the source is resolved beneath ``dts_root`` with ``openat2`` and
+  ``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS |
+  RESOLVE_NO_XDEV`` (or, when the kernel lacks it, a component-by-component
+  ``O_NOFOLLOW | O_DIRECTORY`` walk from held directory descriptors);
+* every open, mkdir, chown and rename in both trees is relative to a held
+  directory descriptor and never follows a symbolic link;
+* the copy is built in a hidden temporary folder (mode 0700, owned by the
+  service) beside its final place and published with
+  ``renameat2(..., RENAME_NOREPLACE)``, so nothing existing is ever replaced.
+
+On any failure everything made for the job is removed (the temporary folder
+and all it holds) and a :class:`~dtsbridge.errors.TransferError` is raised.
+Missing ``target_subdir`` folders that the engine created stay: they are
+empty, belong to the user (when an owner is configured) and are harmless.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import errno
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import attrs
+import blake3
+import xxhash
+
+from dtsbridge.errors import (
+    BAD_REQUEST,
+    CANCELLED,
+    CHECKSUM_MISMATCH,
+    INTERNAL,
+    IO_ERROR,
+    MANIFEST_MISMATCH,
+    NO_SPACE,
+    OUTSIDE_DTS_AREA,
+    PAYLOAD_TOO_LARGE,
+    SOURCE_CHANGED,
+    SOURCE_NOT_FOUND,
+    UNSAFE_DESTINATION,
+    UNSAFE_ENTRY,
+    TransferError,
+)
+
+__all__ = [
+    "CHUNK",
+    "CopyOptions",
+    "Plan",
+    "Manifest",
+    "Result",
+    "Source",
+    "cleanup_temp",
+    "copy_tree",
+    "ensure_dir",
+    "find_published",
+    "normalize_relpath",
+    "open_beneath",
+    "remove_source",
+    "resolve_source",
+    "scan",
+    "temp_exists",
+    "valid_username",
+]
+
+log = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+MANIFEST_NAME = "manifest.json"
+MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+MAX_NAME_TRIES = 10000
+PROGRESS_STEP = 1024 * 1024
+
+#: Set to False to force the portable component walk instead of openat2
+#: (tests do; it is also switched off automatically on ENOSYS).
+USE_OPENAT2 = True
+
+_SYS_openat2 = 437  # x86-64 and aarch64 (generic syscall table) alike
+RESOLVE_NO_XDEV = 0x01
+RESOLVE_NO_MAGICLINKS = 0x02
+RESOLVE_NO_SYMLINKS = 0x04
+RESOLVE_BENEATH = 0x08
+RESOLVE_FLAGS = RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV
+RENAME_NOREPLACE = 1
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SRC_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DST_FLAGS = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_USERNAME_RE = re.compile(r"[a-z][a-z0-9_]{0,99}")
+_JOB_ID_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_ATTEMPT_RE = re.compile(r"[A-Za-z0-9_]{1,64}")
+_HEX_RE = re.compile(r"[0-9a-fA-F]+")
+_MANIFEST_ALGOS = frozenset(
+    {
+        "md5", "sha1", "sha224", "sha256", "sha384", "sha512",
+        "sha3_224", "sha3_256", "sha3_384", "sha3_512", "blake2b", "blake2s",
+    }
+)
+_CHECKSUMS = ("xxh3", "blake3", "sha256", "md5")
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
+_libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_libc.renameat2.restype = ctypes.c_int
+_libc.syncfs.argtypes = [ctypes.c_int]
+_libc.syncfs.restype = ctypes.c_int
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+# --------------------------------------------------------------------------
+# Data classes
+
+
+@attrs.frozen
+class Source:
+    """A resolved DTS folder: ``rel`` is its canonical path below dts_root."""
+
+    rel: str
+    name: str
+
+
+@attrs.frozen
+class Manifest:
+    """What a ``manifest.json`` asks for.
+
+    ``hashes`` maps a file's relative path to ``(algorithm, lowercase hex)``
+    pairs that must hold for it; ``size_only`` counts resources with no hash.
+    """
+
+    resources: int
+    size_only: int
+    hashes: dict[str, tuple[tuple[str, str], ...]] = attrs.field(factory=dict, repr=False)
+
+
+@attrs.frozen
+class _FileEntry:
+    rel: str
+    size: int
+    ino: int
+    mode: int
+    mtime_ns: int
+
+
+@attrs.frozen
+class _DirEntry:
+    rel: str
+    mode: int
+    atime_ns: int
+    mtime_ns: int
+
+
+@attrs.frozen
+class Plan:
+    """Result of the scan: totals (``dirs`` excludes the top folder) and manifest.
+
+    ``file_list``/``dir_list``/``top`` carry what the copy needs; they are not
+    part of equality or repr.
+    """
+
+    files: int
+    bytes: int
+    dirs: int
+    manifest: Manifest | None
+    file_list: tuple[_FileEntry, ...] = attrs.field(default=(), eq=False, repr=False)
+    dir_list: tuple[_DirEntry, ...] = attrs.field(default=(), eq=False, repr=False)
+    top: _DirEntry | None = attrs.field(default=None, eq=False, repr=False)
+    dev: int = attrs.field(default=0, eq=False, repr=False)
+
+
+@attrs.frozen
+class CopyOptions:
+    """How to copy: verification hash, owner, limits, durability, parallelism."""
+
+    checksum: str = "xxh3"
+    uid: int | None = None
+    gid: int | None = None
+    max_bytes: int | None = None
+    fsync: bool = True
+    workers: int = 4
+
+
+@attrs.frozen
+class Result:
+    """A published copy."""
+
+    name: str
+    files: int
+    bytes: int
+    size_only: int
+    manifest_resources: int
+    ino: int
+    dev: int
+
+
+# --------------------------------------------------------------------------
+# Small helpers
+
+
+def _os_error(err: int, what: str) -> OSError:
+    return OSError(err, os.strerror(err), what)
+
+
+def _reason_for(exc: OSError) -> str:
+    return NO_SPACE if exc.errno in (errno.ENOSPC, errno.EDQUOT) else IO_ERROR
+
+
+def _as_transfer_error(exc: BaseException, context: str) -> TransferError:
+    """Turn any exception into a TransferError (NO_SPACE / IO_ERROR / INTERNAL)."""
+    if isinstance(exc, TransferError):
+        return exc
+    if isinstance(exc, OSError):
+        return TransferError(_reason_for(exc), f"{context}: {exc}")
+    return TransferError(INTERNAL, f"{context}: unexpected {type(exc).__name__}: {exc}")
+
+
+def _close(fd: int | None) -> None:
+    if fd is not None and fd >= 0:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+@contextmanager
+def _fd(fd: int) -> Iterator[int]:
+    try:
+        yield fd
+    finally:
+        _close(fd)
+
+
+def _open_root(path: str, reason: str, what: str) -> int:
+    """Open a configured (trusted) root folder; links in the configured path are followed."""
+    try:
+        return os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise TransferError(reason, f"{what} {path!r} cannot be opened: {exc.strerror}") from None
+
+
+def _split_parts(relpath: str) -> list[str]:
+    return [p for p in relpath.split("/") if p not in ("", ".")]
+
+
+# --------------------------------------------------------------------------
+# Resolving beneath a directory descriptor
+
+
+def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
+    how = _OpenHow(flags, mode if flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0)) else 0, RESOLVE_FLAGS)
+    raw = os.fsencode(path)
+    for _ in range(16):
+        fd = _libc.syscall(_SYS_openat2, ctypes.c_int(dirfd), ctypes.c_char_p(raw), ctypes.byref(how),
+                           ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err in (errno.EAGAIN, errno.EINTR):  # concurrent rename/mount: retry
+            continue
+        raise _os_error(err, path)
+    raise _os_error(errno.EAGAIN, path)
+
+
+def _walk_open(dirfd: int, parts: list[str], flags: int, mode: int) -> int:
+    """Portable resolution: one O_NOFOLLOW open per component from held fds."""
+    top_dev = os.fstat(dirfd).st_dev
+    cur = dirfd
+    try:
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            fl = (flags | os.O_NOFOLLOW | os.O_CLOEXEC) if last else _DIR_FLAGS
+            try:
+                nxt = os.open(part, fl, mode, dir_fd=cur)
+            except OSError as exc:
+                # O_NOFOLLOW|O_DIRECTORY on a link says ENOTDIR: tell links apart.
+                if exc.errno in (errno.ENOTDIR, errno.ELOOP, errno.EEXIST):
+                    try:
+                        if stat.S_ISLNK(os.stat(part, dir_fd=cur, follow_symlinks=False).st_mode):
+                            raise _os_error(errno.ELOOP, part) from None
+                    except FileNotFoundError:
+                        pass
+                raise
+            if os.fstat(nxt).st_dev != top_dev:
+                os.close(nxt)
+                raise _os_error(errno.EXDEV, part)
+            if cur != dirfd:
+                os.close(cur)
+            cur = nxt
+        return cur
+    except BaseException:
+        if cur != dirfd:
+            _close(cur)
+        raise
+
+
+def open_beneath(dirfd: int, relpath: str, flags: int, mode: int = 0) -> int:
+    """Open ``relpath`` strictly beneath ``dirfd`` without following any link.
+
+    ``""`` or ``"."`` gives a duplicate of ``dirfd``.  ``..``, absolute paths
+    and mount crossings fail with ``EXDEV``, links with ``ELOOP``.
+    """
+    global USE_OPENAT2
+    if "\0" in relpath:
+        raise _os_error(errno.EINVAL, relpath)
+    if relpath.startswith("/") or ".." in relpath.split("/"):
+        raise _os_error(errno.EXDEV, relpath)
+    parts = _split_parts(relpath)
+    if not parts:
+        return os.dup(dirfd)
+    if USE_OPENAT2:
+        path = "/".join(parts)
+        try:
+            return _openat2(dirfd, path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        except OSError as exc:
+            if exc.errno == errno.ENOTDIR and flags & os.O_DIRECTORY:
+                _raise_if_trailing_link(dirfd, path)
+            if exc.errno != errno.ENOSYS:
+                raise
+            USE_OPENAT2 = False
+    return _walk_open(dirfd, parts, flags, mode)
+
+
+def _raise_if_trailing_link(dirfd: int, path: str) -> None:
+    """O_DIRECTORY|O_NOFOLLOW on a link says ENOTDIR: report ELOOP for a link instead."""
+    try:
+        fd = _openat2(dirfd, path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, 0)
+    except OSError:
+        return
+    with _fd(fd):
+        if stat.S_ISLNK(os.fstat(fd).st_mode):
+            raise _os_error(errno.ELOOP, path)
+
+
+def normalize_relpath(path: str) -> str:
+    """Canonical relative POSIX form of an untrusted path (``""`` for the top).
+
+    Absolute paths, ``..`` components and NUL bytes raise
+    ``TransferError(OUTSIDE_DTS_AREA)``.
+    """
+    if not isinstance(path, str):
+        raise TransferError(BAD_REQUEST, "path must be a string")
+    if "\0" in path:
+        raise TransferError(OUTSIDE_DTS_AREA, f"path {path!r} contains a NUL byte")
+    if path.startswith("/"):
+        raise TransferError(OUTSIDE_DTS_AREA, f"path {path!r} is absolute")
+    if len(path) > 4096:
+        raise TransferError(OUTSIDE_DTS_AREA, "path is too long")
+    parts = _split_parts(path)
+    if ".." in parts:
+        raise TransferError(OUTSIDE_DTS_AREA, f"path {path!r} contains '..'")
+    return "/".join(parts)
+
+
+def _abs_parts(path: str) -> list[str]:
+    return _split_parts(path)
+
+
+def _source_error(exc: OSError, rel: str) -> TransferError:
+    if exc.errno in (errno.ELOOP, errno.EXDEV):
+        return TransferError(OUTSIDE_DTS_AREA, f"{rel!r} goes through a symbolic link or leaves the DTS area")
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+        return TransferError(SOURCE_NOT_FOUND, f"{rel!r} does not exist or is not a folder")
+    return TransferError(_reason_for(exc), f"cannot open {rel!r}: {exc.strerror}")
+
+
+def _open_source_dir(rootfd: int, rel: str) -> int:
+    try:
+        fd = open_beneath(rootfd, rel, _DIR_FLAGS)
+    except OSError as exc:
+        raise _source_error(exc, rel) from None
+    if not stat.S_ISDIR(os.fstat(fd).st_mode):  # cannot happen with O_DIRECTORY; belt and braces
+        os.close(fd)
+        raise TransferError(SOURCE_NOT_FOUND, f"{rel!r} is not a folder")
+    return fd
+
+
+def resolve_source(dts_root: str, subdirectory: str) -> Source:
+    """Resolve a request's ``subdirectory`` to a folder strictly inside ``dts_root``."""
+    if not isinstance(subdirectory, str):
+        raise TransferError(BAD_REQUEST, "subdirectory must be a string")
+    if "\0" in subdirectory:
+        raise TransferError(OUTSIDE_DTS_AREA, "subdirectory contains a NUL byte")
+    if subdirectory.startswith("/"):
+        parts = _abs_parts(subdirectory)
+        if ".." in parts:
+            raise TransferError(OUTSIDE_DTS_AREA, f"{subdirectory!r} contains '..'")
+        if not parts:
+            raise TransferError(BAD_REQUEST, "subdirectory names the DTS area itself")
+        rest: list[str] | None = None
+        for root in (os.path.realpath(dts_root), os.path.normpath(os.path.abspath(dts_root))):
+            rparts = _abs_parts(root)
+            if parts[: len(rparts)] == rparts:
+                rest = parts[len(rparts):]
+                break
+        if rest is None:
+            raise TransferError(OUTSIDE_DTS_AREA, f"{subdirectory!r} is outside the DTS area")
+        rel = "/".join(rest)
+    else:
+        rel = normalize_relpath(subdirectory)
+    if not rel:
+        raise TransferError(BAD_REQUEST, "subdirectory names the DTS area itself")
+    with _fd(_open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
+        _close(_open_source_dir(rootfd, rel))
+    return Source(rel=rel, name=rel.rsplit("/", 1)[-1])
+
+
+def valid_username(name: str) -> bool:
+    """KBase's rule: a lowercase letter, then up to 99 of ``[a-z0-9_]``."""
+    return isinstance(name, str) and _USERNAME_RE.fullmatch(name) is not None
+
+
+# --------------------------------------------------------------------------
+# Destination folders
+
+
+def _check_component(part: str) -> None:
+    if not isinstance(part, str) or not part or part in (".", "..") or "/" in part or "\0" in part:
+        raise TransferError(UNSAFE_DESTINATION, f"bad destination folder name {part!r}")
+
+
+def _walk_dest(root: str, parts: list[str], uid: int | None, gid: int | None, create_from: int) -> int:
+    """Open ``root/parts...`` link-safely; create components at index >= create_from.
+
+    Returns a descriptor of the last folder.  Newly made folders are given to
+    ``uid``/``gid``; existing ones are never touched.
+    """
+    for p in parts:
+        _check_component(p)
+    cur = _open_root(root, UNSAFE_DESTINATION, "destination root")
+    try:
+        for i, part in enumerate(parts):
+            made = False
+            for _ in range(3):
+                try:
+                    nxt = os.open(part, _DIR_FLAGS, dir_fd=cur)
+                    break
+                except FileNotFoundError:
+                    if i < create_from:
+                        raise TransferError(BAD_REQUEST, f"destination folder {'/'.join(parts[:i + 1])!r} does not exist") from None
+                    try:
+                        os.mkdir(part, 0o755, dir_fd=cur)
+                        made = True
+                    except FileExistsError:
+                        pass
+                except OSError as exc:
+                    if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+                        raise TransferError(UNSAFE_DESTINATION,
+                                            f"destination {'/'.join(parts[:i + 1])!r} is a link or not a folder") from None
+                    raise
+            else:
+                raise TransferError(UNSAFE_DESTINATION, f"destination {part!r} keeps changing")
+            if made and (uid is not None or gid is not None):
+                st = os.fstat(nxt)
+                if st.st_uid == os.geteuid():  # ours, not something swapped in
+                    os.fchown(nxt, -1 if uid is None else uid, -1 if gid is None else gid)
+            os.close(cur)
+            cur = nxt
+        return cur
+    except TransferError:
+        _close(cur)
+        raise
+    except OSError as exc:
+        _close(cur)
+        raise TransferError(_reason_for(exc), f"cannot open destination: {exc}") from None
+
+
+def ensure_dir(root: str, parts: list[str], uid: int | None, gid: int | None, create: bool = True) -> None:
+    """Make (or with ``create=False`` only check) ``root/parts...`` as real folders."""
+    _close(_walk_dest(root, list(parts), uid, gid, 0 if create else len(parts)))
+
+
+def _temp_name(job_id: str, attempt: str) -> str:
+    if not isinstance(job_id, str) or not _JOB_ID_RE.fullmatch(job_id):
+        raise TransferError(BAD_REQUEST, f"bad job id {job_id!r}")
+    if not isinstance(attempt, str) or not _ATTEMPT_RE.fullmatch(attempt):
+        raise TransferError(BAD_REQUEST, f"bad attempt {attempt!r} (letters, digits, '_')")
+    return f".dtsbridge-{job_id}-{attempt}.tmp"
+
+
+def _open_parent_or_none(user_root: str, dest_parts: list[str]) -> int | None:
+    try:
+        return _walk_dest(user_root, list(dest_parts), None, None, len(dest_parts))
+    except TransferError:
+        return None
+
+
+def _rmtree_at(parentfd: int, name: str) -> bool:
+    """Remove folder ``name`` in ``parentfd`` without following links; False if absent."""
+    try:
+        st = os.stat(name, dir_fd=parentfd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISDIR(st.st_mode):
+        return False
+    shutil.rmtree(name, dir_fd=parentfd)
+    return True
+
+
+def cleanup_temp(user_root: str, dest_parts: list[str], job_id: str, keep_attempt: str | None = None) -> int:
+    """Remove every ``.dtsbridge-<job_id>-<attempt>.tmp`` folder of a job; returns the count."""
+    _temp_name(job_id, "0")
+    pat = re.compile(r"\.dtsbridge-" + re.escape(job_id) + r"-([A-Za-z0-9_]{1,64})\.tmp")
+    pfd = _open_parent_or_none(user_root, dest_parts)
+    if pfd is None:
+        return 0
+    removed = 0
+    try:
+        for name in os.listdir(pfd):
+            m = pat.fullmatch(name)
+            if m is None or m.group(1) == keep_attempt:
+                continue
+            try:
+                if _rmtree_at(pfd, name):
+                    removed += 1
+            except OSError as exc:
+                raise TransferError(_reason_for(exc), f"cannot remove {name!r}: {exc}") from None
+    finally:
+        os.close(pfd)
+    return removed
+
+
+def temp_exists(user_root: str, dest_parts: list[str], job_id: str, attempt: str) -> bool:
+    """Whether this attempt's temporary folder is present (as a real folder)."""
+    name = _temp_name(job_id, attempt)
+    pfd = _open_parent_or_none(user_root, dest_parts)
+    if pfd is None:
+        return False
+    with _fd(pfd):
+        try:
+            return stat.S_ISDIR(os.stat(name, dir_fd=pfd, follow_symlinks=False).st_mode)
+        except FileNotFoundError:
+            return False
+
+
+def _candidate(base: str, i: int) -> str:
+    return base if i == 0 else f"{base}-{i}"
+
+
+def find_published(user_root: str, dest_parts: list[str], base_name: str, dev: int, ino: int,
+                   limit: int = 10000) -> str | None:
+    """Which of ``base_name``, ``base_name-1``, … is the folder ``dev``/``ino`` (after a crash)."""
+    pfd = _open_parent_or_none(user_root, dest_parts)
+    if pfd is None:
+        return None
+    missing = 0
+    with _fd(pfd):
+        for i in range(limit + 1):
+            name = _candidate(base_name, i)
+            try:
+                st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
+            except FileNotFoundError:
+                missing += 1
+                if missing >= 50:
+                    return None
+                continue
+            except OSError:
+                return None
+            missing = 0
+            if st.st_dev == dev and st.st_ino == ino and stat.S_ISDIR(st.st_mode):
+                return name
+    return None
+
+
+def remove_source(dts_root: str, source: Source) -> None:
+    """Delete the DTS folder link-safely (``delete_source``); a missing one is fine."""
+    rel = normalize_relpath(source.rel)
+    if not rel:
+        raise TransferError(BAD_REQUEST, "refusing to remove the DTS area itself")
+    parent, _, name = rel.rpartition("/")
+    with _fd(_open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
+        try:
+            pfd = open_beneath(rootfd, parent, _DIR_FLAGS)
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise _source_error(exc, parent) from None
+        with _fd(pfd):
+            try:
+                _rmtree_at(pfd, name)
+            except OSError as exc:
+                raise TransferError(_reason_for(exc), f"cannot remove {rel!r}: {exc}") from None
+
+
+# --------------------------------------------------------------------------
+# Scan and manifest
+
+
+def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
+    top_st = os.fstat(srcfd)
+    dev = top_st.st_dev
+    files: list[_FileEntry] = []
+    dirs: list[_DirEntry] = []
+    total = 0
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            dfd = open_beneath(srcfd, rel, _DIR_FLAGS)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+                raise TransferError(UNSAFE_ENTRY, f"{rel!r} changed into a link or mount during the scan") from None
+            if exc.errno == errno.ENOENT:
+                raise TransferError(SOURCE_CHANGED, f"{rel!r} vanished during the scan") from None
+            raise
+        with _fd(dfd):
+            for name in sorted(os.listdir(dfd)):
+                path = f"{rel}/{name}" if rel else name
+                try:
+                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                except FileNotFoundError:
+                    raise TransferError(SOURCE_CHANGED, f"{path!r} vanished during the scan") from None
+                mode = st.st_mode
+                if stat.S_ISLNK(mode):
+                    raise TransferError(UNSAFE_ENTRY, f"{path!r} is a symbolic link")
+                if st.st_dev != dev:
+                    raise TransferError(UNSAFE_ENTRY, f"{path!r} is on another filesystem (mount point)")
+                if stat.S_ISDIR(mode):
+                    dirs.append(_DirEntry(path, stat.S_IMODE(mode), st.st_atime_ns, st.st_mtime_ns))
+                    stack.append(path)
+                elif stat.S_ISREG(mode):
+                    if st.st_nlink > 1:
+                        raise TransferError(UNSAFE_ENTRY, f"{path!r} has {st.st_nlink} hard links")
+                    files.append(_FileEntry(path, st.st_size, st.st_ino, stat.S_IMODE(mode), st.st_mtime_ns))
+                    total += st.st_size
+                    if max_bytes is not None and total > max_bytes:
+                        raise TransferError(PAYLOAD_TOO_LARGE,
+                                            f"the folder holds more than the limit of {max_bytes} bytes")
+                else:
+                    raise TransferError(UNSAFE_ENTRY, f"{path!r} is not a regular file or folder")
+    manifest = _read_manifest(srcfd, {f.rel: f for f in files})
+    top = _DirEntry("", stat.S_IMODE(top_st.st_mode), top_st.st_atime_ns, top_st.st_mtime_ns)
+    return Plan(files=len(files), bytes=total, dirs=len(dirs), manifest=manifest,
+                file_list=tuple(files), dir_list=tuple(dirs), top=top, dev=dev)
+
+
+def _bad_manifest(msg: str) -> TransferError:
+    return TransferError(MANIFEST_MISMATCH, f"manifest.json: {msg}")
+
+
+def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise _bad_manifest(f"hash of {path!r} is not a string")
+    if ":" in value:
+        algo, hexd = value.split(":", 1)
+        algo = algo.strip().lower().replace("-", "")
+        algo = {"sha3224": "sha3_224", "sha3256": "sha3_256", "sha3384": "sha3_384", "sha3512": "sha3_512"}.get(algo, algo)
+    else:
+        algo, hexd = "md5", value
+    hexd = hexd.strip().lower()
+    if algo not in _MANIFEST_ALGOS:
+        raise _bad_manifest(f"unknown hash algorithm {algo!r} for {path!r}")
+    if not _HEX_RE.fullmatch(hexd) or len(hexd) != 2 * hashlib.new(algo).digest_size:
+        raise _bad_manifest(f"hash of {path!r} is not a valid {algo} digest")
+    return algo, hexd
+
+
+def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
+    entry = files.get(MANIFEST_NAME)
+    if entry is None:
+        return None
+    if entry.size > MANIFEST_MAX_BYTES:
+        raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
+    try:
+        fd = open_beneath(srcfd, MANIFEST_NAME, _SRC_FLAGS)
+    except OSError as exc:
+        raise TransferError(SOURCE_CHANGED, f"manifest.json cannot be opened: {exc.strerror}") from None
+    with _fd(fd):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_ino != entry.ino or st.st_nlink > 1:
+            raise TransferError(SOURCE_CHANGED, "manifest.json changed during the scan")
+        chunks = []
+        size = 0
+        while size <= MANIFEST_MAX_BYTES:
+            b = os.read(fd, CHUNK)
+            if not b:
+                break
+            chunks.append(b)
+            size += len(b)
+        data = b"".join(chunks)
+    if len(data) > MANIFEST_MAX_BYTES:
+        raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
+    if not data:
+        return Manifest(resources=0, size_only=0, hashes={})
+    try:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise _bad_manifest(f"not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise _bad_manifest("not a JSON object")
+    resources = doc.get("resources")
+    if not isinstance(resources, list):
+        raise _bad_manifest("'resources' is missing or not a list")
+    hashes: dict[str, list[tuple[str, str]]] = {}
+    size_only = 0
+    for i, res in enumerate(resources):
+        if not isinstance(res, dict):
+            raise _bad_manifest(f"resource #{i} is not an object")
+        raw = res.get("path")
+        if not isinstance(raw, str) or not raw:
+            raise _bad_manifest(f"resource #{i} has no path")
+        try:
+            path = normalize_relpath(raw)
+        except TransferError as exc:
+            raise _bad_manifest(f"resource path {raw!r} is outside the folder ({exc.message})") from None
+        if not path:
+            raise _bad_manifest(f"resource path {raw!r} names the folder itself")
+        f = files.get(path)
+        if f is None:
+            raise _bad_manifest(f"resource {raw!r} is missing from the folder (or is not a regular file)")
+        nbytes = res.get("bytes")
+        if nbytes is not None:
+            if isinstance(nbytes, bool) or not isinstance(nbytes, int):
+                raise _bad_manifest(f"bytes of {raw!r} is not an integer")
+            if nbytes != f.size:
+                raise _bad_manifest(f"resource {raw!r} has {f.size} bytes, the manifest says {nbytes}")
+        h = _parse_hash(res.get("hash"), raw)
+        if h is None:
+            size_only += 1
+        else:
+            lst = hashes.setdefault(path, [])
+            if h not in lst:
+                lst.append(h)
+    return Manifest(resources=len(resources), size_only=size_only,
+                    hashes={k: tuple(v) for k, v in hashes.items()})
+
+
+def scan(dts_root: str, source: Source, max_bytes: int | None = None) -> Plan:
+    """Walk the source folder through descriptors, refusing unsafe entries; read its manifest."""
+    rel = normalize_relpath(source.rel)
+    if not rel:
+        raise TransferError(BAD_REQUEST, "the source names the DTS area itself")
+    with _fd(_open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
+        with _fd(_open_source_dir(rootfd, rel)) as srcfd:
+            try:
+                return _scan_fd(srcfd, max_bytes)
+            except OSError as exc:
+                raise _as_transfer_error(exc, "scan failed") from None
+
+
+# --------------------------------------------------------------------------
+# Copy
+
+
+def _new_hash(name: str) -> Any:
+    if name == "xxh3":
+        return xxhash.xxh3_128()
+    if name == "blake3":
+        return blake3.blake3()
+    if name in ("sha256", "md5"):
+        return hashlib.new(name)
+    raise TransferError(BAD_REQUEST, f"unknown checksum {name!r} (one of {', '.join(_CHECKSUMS)})")
+
+
+class _Job:
+    """Shared state of one copy: counters, stop flag, source/temp descriptors."""
+
+    def __init__(self, srcfd: int, tmpfd: int, dev: int, plan: Plan, options: CopyOptions,
+                 on_progress: Callable[[int, int], None], should_stop: Callable[[], bool]) -> None:
+        self.srcfd = srcfd
+        self.tmpfd = tmpfd
+        self.dev = dev
+        self.plan = plan
+        self.options = options
+        self.on_progress = on_progress
+        self.should_stop = should_stop
+        self.abort = threading.Event()
+        self.lock = threading.Lock()
+        self.files_done = 0
+        self.bytes_done = 0
+        self.local = threading.local()
+        self.hashes = plan.manifest.hashes if plan.manifest else {}
+
+    def check_stop(self) -> None:
+        if self.abort.is_set():
+            raise TransferError(CANCELLED, "stopped because another file failed")
+        if self.should_stop():
+            raise TransferError(CANCELLED, "cancelled")
+
+    def progress(self, nbytes: int, files: int) -> None:
+        with self.lock:
+            self.bytes_done += nbytes
+            self.files_done += files
+            self.on_progress(self.files_done, self.bytes_done)
+
+    def buffer(self) -> memoryview:
+        mv = getattr(self.local, "buf", None)
+        if mv is None:
+            mv = self.local.buf = memoryview(bytearray(CHUNK))
+        return mv
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        n = os.write(fd, data)
+        data = data[n:]
+
+
+def _copy_file(job: _Job, entry: _FileEntry) -> None:
+    """Copy, hash, verify and own one file inside the temp folder."""
+    job.check_stop()
+    rel = entry.rel
+    try:
+        sfd = open_beneath(job.srcfd, rel, _SRC_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENXIO):
+            raise TransferError(UNSAFE_ENTRY, f"{rel!r} became unsafe during the copy") from None
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+            raise TransferError(SOURCE_CHANGED, f"{rel!r} vanished during the copy") from None
+        raise
+    with _fd(sfd):
+        st = os.fstat(sfd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink > 1 or st.st_dev != job.dev:
+            raise TransferError(UNSAFE_ENTRY, f"{rel!r} became unsafe during the copy")
+        if st.st_ino != entry.ino or st.st_size != entry.size:
+            raise TransferError(SOURCE_CHANGED, f"{rel!r} changed since the scan")
+        parent, _, name = rel.rpartition("/")
+        with _fd(open_beneath(job.tmpfd, parent, _DIR_FLAGS)) as pfd:
+            dfd = os.open(name, _DST_FLAGS, 0o600, dir_fd=pfd)
+        with _fd(dfd):
+            main = _new_hash(job.options.checksum)
+            wanted = job.hashes.get(rel, ())
+            extra = [hashlib.new(algo) for algo, _ in wanted]
+            buf = job.buffer()
+            total = 0
+            pending = 0
+            while True:
+                job.check_stop()
+                n = os.readv(sfd, [buf])
+                if n == 0:
+                    break
+                chunk = buf[:n]
+                _write_all(dfd, chunk)
+                main.update(chunk)
+                for h in extra:
+                    h.update(chunk)
+                total += n
+                pending += n
+                if pending >= PROGRESS_STEP:
+                    job.progress(pending, 0)
+                    pending = 0
+            st2 = os.fstat(sfd)
+            if total != entry.size or st2.st_size != st.st_size or st2.st_mtime_ns != st.st_mtime_ns:
+                raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was copied")
+            for h, (algo, hexd) in zip(extra, wanted):
+                if h.hexdigest() != hexd:
+                    raise TransferError(MANIFEST_MISMATCH,
+                                        f"manifest.json: {algo} of {rel!r} is {h.hexdigest()}, the manifest says {hexd}")
+            check = _new_hash(job.options.checksum)
+            off = 0
+            while True:
+                job.check_stop()
+                n = os.preadv(dfd, [buf], off)
+                if n == 0:
+                    break
+                check.update(buf[:n])
+                off += n
+            if off != total or check.digest() != main.digest():
+                raise TransferError(CHECKSUM_MISMATCH, f"the copy of {rel!r} does not match its source")
+            opts = job.options
+            if opts.uid is not None or opts.gid is not None:
+                os.fchown(dfd, -1 if opts.uid is None else opts.uid, -1 if opts.gid is None else opts.gid)
+            os.fchmod(dfd, st.st_mode & 0o777)
+            os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    job.progress(pending, 1)
+
+
+def _set_dir_attrs(fd: int, d: _DirEntry, options: CopyOptions) -> None:
+    if options.uid is not None or options.gid is not None:
+        os.fchown(fd, -1 if options.uid is None else options.uid, -1 if options.gid is None else options.gid)
+    os.fchmod(fd, d.mode & 0o777)
+    os.utime(fd, ns=(d.atime_ns, d.mtime_ns))
+
+
+def _batches(files: list[_FileEntry], max_files: int = 64, max_bytes: int = 4 * 1024 * 1024) -> Iterator[list[_FileEntry]]:
+    """Group small files so one task copies many (per-task overhead dominates small files)."""
+    batch: list[_FileEntry] = []
+    size = 0
+    for f in files:
+        batch.append(f)
+        size += f.size
+        if len(batch) >= max_files or size >= max_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _copy_batch(job: _Job, batch: list[_FileEntry]) -> None:
+    for f in batch:
+        _copy_file(job, f)
+
+
+def _run_files(job: _Job, executor: concurrent.futures.Executor | None) -> None:
+    """Copy every file, in parallel; the first error stops the others and is raised."""
+    files = sorted(job.plan.file_list, key=lambda f: -f.size)
+    workers = max(1, job.options.workers)
+    own: concurrent.futures.ThreadPoolExecutor | None = None
+    inflight: set[concurrent.futures.Future[None]] = set()
+    if executor is None and workers > 1 and len(files) > 1:
+        executor = own = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="dtsbridge-file")
+    try:
+        if executor is None:
+            for f in files:
+                _copy_file(job, f)
+            return
+        window = workers * 2
+        first_error: BaseException | None = None
+        it = iter(_batches(files))
+        while True:
+            while first_error is None and len(inflight) < window:
+                f = next(it, None)
+                if f is None:
+                    break
+                inflight.add(executor.submit(_copy_batch, job, f))
+            if not inflight:
+                break
+            done, inflight = concurrent.futures.wait(inflight, return_when=concurrent.futures.FIRST_COMPLETED)
+            for fut in done:
+                exc = fut.exception()
+                if exc is not None and first_error is None:
+                    first_error = exc
+                    job.abort.set()
+        if first_error is not None:
+            # Prefer the real cause over "stopped because another file failed".
+            raise first_error
+    except BaseException:
+        job.abort.set()
+        raise
+    finally:
+        if inflight:  # never leave a worker writing into a folder about to be removed
+            concurrent.futures.wait(inflight)
+        if own is not None:
+            own.shutdown(wait=True)
+
+
+def _renameat2(olddir: int, old: str, newdir: int, new: str, flags: int) -> None:
+    if _libc.renameat2(olddir, os.fsencode(old), newdir, os.fsencode(new), flags) != 0:
+        err = ctypes.get_errno()
+        raise _os_error(err, new)
+
+
+def _syncfs(fd: int) -> None:
+    if _libc.syncfs(fd) != 0:
+        raise _os_error(ctypes.get_errno(), "syncfs")
+
+
+def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[str], job_id: str, attempt: str,
+              options: CopyOptions, *,
+              on_plan: Callable[[Plan], None] = lambda p: None,
+              on_progress: Callable[[int, int], None] = lambda files_done, bytes_done: None,
+              should_stop: Callable[[], bool] = lambda: False,
+              before_publish: Callable[[str, int, int], bool] = lambda tmpname, dev, ino: True,
+              executor: concurrent.futures.Executor | None = None) -> Result:
+    """Copy ``source`` into ``user_root/dest_parts.../<name>``, verified, owned, published atomically.
+
+    ``dest_parts[0]`` (the user's folder) must exist; later components are
+    created when missing.  Raises TransferError on any failure, after removing
+    the temporary folder.
+    """
+    tmpname = _temp_name(job_id, attempt)
+    _new_hash(options.checksum)  # validate early
+    if not dest_parts:
+        raise TransferError(BAD_REQUEST, "no destination folder")
+    rel = normalize_relpath(source.rel)
+    if not rel:
+        raise TransferError(BAD_REQUEST, "the source names the DTS area itself")
+    name = rel.rsplit("/", 1)[-1]
+
+    rootfd = srcfd = parentfd = tmpfd = None
+    tmp_id: tuple[int, int] | None = None
+    try:
+        # (1) re-resolve the source, (2-3) scan and read the manifest.
+        rootfd = _open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")
+        srcfd = _open_source_dir(rootfd, rel)
+        if should_stop():
+            raise TransferError(CANCELLED, "cancelled")
+        plan = _scan_fd(srcfd, options.max_bytes)
+        on_plan(plan)
+        # (4) destination parent, (5) our temp folder.
+        parentfd = _walk_dest(user_root, list(dest_parts), options.uid, options.gid, 1)
+        tmpfd, tmp_id = _make_temp(parentfd, tmpname)
+        # (6) folders, then files in parallel.
+        job = _Job(srcfd, tmpfd, plan.dev, plan, options, on_progress, should_stop)
+        for d in sorted(plan.dir_list, key=lambda d: d.rel.count("/")):
+            parent, _, dname = d.rel.rpartition("/")
+            with _fd(open_beneath(tmpfd, parent, _DIR_FLAGS)) as pfd:
+                os.mkdir(dname, 0o700, dir_fd=pfd)
+        _run_files(job, executor)
+        job.check_stop()
+        # (7) folder modes, owners and times, deepest first; the top one last.
+        for d in sorted(plan.dir_list, key=lambda d: -d.rel.count("/")):
+            with _fd(open_beneath(tmpfd, d.rel, _DIR_FLAGS)) as dfd:
+                _set_dir_attrs(dfd, d, options)
+        assert plan.top is not None
+        _set_dir_attrs(tmpfd, plan.top, options)
+        # (8) durability, (9) fence, (10) publish.
+        if options.fsync:
+            _syncfs(tmpfd)
+        if should_stop():
+            raise TransferError(CANCELLED, "cancelled")
+        if not before_publish(tmpname, tmp_id[0], tmp_id[1]):
+            raise TransferError(CANCELLED, "lost claim")
+        final = _publish(parentfd, tmpname, tmp_id, name)
+    except BaseException as exc:
+        if parentfd is not None and tmp_id is not None:
+            _remove_temp(parentfd, tmpname, tmp_id)
+        for fd in (tmpfd, parentfd, srcfd, rootfd):
+            _close(fd)
+        if not isinstance(exc, Exception):
+            raise
+        raise _as_transfer_error(exc, "copy failed") from (None if isinstance(exc, TransferError) else exc)
+    # (11) the rename is done: the copy is published whatever happens now.
+    try:
+        if options.fsync:
+            os.fsync(parentfd)
+    except OSError as exc:
+        log.warning("fsync of the destination folder after publishing %s failed: %s", final, exc)
+    finally:
+        for fd in (tmpfd, parentfd, srcfd, rootfd):
+            _close(fd)
+    m = plan.manifest
+    return Result(name=final, files=plan.files, bytes=plan.bytes,
+                  size_only=m.size_only if m else 0, manifest_resources=m.resources if m else 0,
+                  ino=tmp_id[1], dev=tmp_id[0])
+
+
+def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:
+    """mkdirat the hidden temp folder (0700), open it and check it is ours and empty."""
+    try:
+        os.mkdir(tmpname, 0o700, dir_fd=parentfd)
+    except FileExistsError:
+        # A leftover of this very attempt (crash): remove it if it is a real folder.
+        try:
+            st = os.stat(tmpname, dir_fd=parentfd, follow_symlinks=False)
+        except FileNotFoundError:
+            st = None
+        if st is not None and not (stat.S_ISDIR(st.st_mode)):
+            raise TransferError(UNSAFE_DESTINATION, f"{tmpname!r} exists and is not a folder") from None
+        _rmtree_at(parentfd, tmpname)
+        try:
+            os.mkdir(tmpname, 0o700, dir_fd=parentfd)
+        except FileExistsError:
+            raise TransferError(UNSAFE_DESTINATION, f"{tmpname!r} keeps reappearing") from None
+    try:
+        fd = os.open(tmpname, _DIR_FLAGS, dir_fd=parentfd)
+    except OSError as exc:
+        raise TransferError(UNSAFE_DESTINATION, f"temporary folder {tmpname!r} cannot be opened: {exc.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or os.listdir(fd):
+        os.close(fd)
+        raise TransferError(UNSAFE_DESTINATION, f"temporary folder {tmpname!r} is not ours")
+    return fd, (st.st_dev, st.st_ino)
+
+
+def _remove_temp(parentfd: int, tmpname: str, tmp_id: tuple[int, int]) -> None:
+    """Remove our temp folder if the name still is it (never a look-alike)."""
+    try:
+        st = os.stat(tmpname, dir_fd=parentfd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) == tmp_id and stat.S_ISDIR(st.st_mode):
+            shutil.rmtree(tmpname, dir_fd=parentfd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.error("cannot remove temporary folder %s: %s", tmpname, exc)
+
+
+def _publish(parentfd: int, tmpname: str, tmp_id: tuple[int, int], name: str) -> str:
+    """Rename the temp folder to ``name``, ``name-1``, … with RENAME_NOREPLACE."""
+    for i in range(MAX_NAME_TRIES + 1):
+        candidate = _candidate(name, i)
+        st = os.stat(tmpname, dir_fd=parentfd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != tmp_id:
+            raise TransferError(UNSAFE_DESTINATION, f"temporary folder {tmpname!r} was replaced")
+        try:
+            _renameat2(parentfd, tmpname, parentfd, candidate, RENAME_NOREPLACE)
+            return candidate
+        except OSError as exc:
+            if exc.errno == errno.EEXIST:
+                continue
+            if exc.errno in (errno.EINVAL, errno.ENOSYS):
+                raise TransferError(IO_ERROR, "the destination filesystem cannot rename without replacing "
+                                              f"(renameat2 RENAME_NOREPLACE: {exc.strerror})") from None
+            raise
+    raise TransferError(UNSAFE_DESTINATION, f"no free name for {name!r} after {MAX_NAME_TRIES} tries")

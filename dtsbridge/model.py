@@ -1,0 +1,139 @@
+"""The job: its fields, its statuses and the moves allowed between them.
+
+A job is stored as one Redis hash (see :mod:`dtsbridge.store`); this module
+turns that hash into a :class:`Job` and back, and decides what the public
+``/transferStatus`` answer shows. It has no I/O.
+"""
+
+from __future__ import annotations
+
+import datetime
+import enum
+from typing import Any, Mapping
+
+import attrs
+
+
+class Status(str, enum.Enum):
+    SUBMITTED = "SUBMITTED"  # queued, waiting for a worker
+    STAGING = "STAGING"  # waiting for a stager's /doneStaging
+    TRANSFERRING = "TRANSFERRING"  # copying, verifying, publishing
+    SUCCESS = "SUCCESS"
+    ERROR = "ERROR"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def final(self) -> bool:
+        return self in FINAL
+
+
+FINAL = frozenset({Status.SUCCESS, Status.ERROR, Status.CANCELLED})
+
+# The moves the state machine allows. The Redis scripts enforce the same
+# rules atomically; this table documents them and guards the Python side.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.STAGING: frozenset({Status.SUBMITTED, Status.ERROR, Status.CANCELLED}),
+    Status.SUBMITTED: frozenset({Status.TRANSFERRING, Status.ERROR, Status.CANCELLED}),
+    # A worker that loses its lease hands the job back to the queue.
+    Status.TRANSFERRING: frozenset({Status.SUBMITTED, Status.SUCCESS, Status.ERROR, Status.CANCELLED}),
+    Status.SUCCESS: frozenset(),
+    Status.ERROR: frozenset(),
+    Status.CANCELLED: frozenset(),
+}
+
+
+def can_move(old: Status, new: Status) -> bool:
+    return new in TRANSITIONS[old]
+
+
+def now_iso() -> str:
+    """The current time as ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T14:18:57.123Z``."""
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def time_field(status: Status | str) -> str:
+    return "time_" + Status(status).value.lower()
+
+
+# Fields never shown by /transferStatus.
+SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "publish_dev", "publish_ino",
+                           "folder_key", "dest_parts", "source_rel", "lease_host",
+                           "publish_files", "publish_bytes", "publishing"})
+INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
+                        "manifest_resources", "manifest_size_only", "attempts"})
+BOOL_FIELDS = frozenset({"stager_success", "async"})
+
+
+@attrs.define
+class Job:
+    """One transfer: what to copy, for whom, and how far it got."""
+
+    job_id: str
+    status: Status
+    target_user: str = ""
+    subdirectory: str = ""
+    submitter: str = ""
+    kind: str = "complete"  # complete | staged | watch
+    source_rel: str = ""  # the folder beneath dts_root, canonical
+    dest_parts: str = ""  # "user/target_subdir" beneath user_root
+    path: str | None = None  # as the user sees it: /<user>/<name>
+    detailed_status: str | None = None
+    reason: str | None = None
+    files_total: int | None = None
+    files_done: int | None = None
+    bytes_total: int | None = None
+    bytes_done: int | None = None
+    extra: dict[str, Any] = attrs.Factory(dict)
+
+    @classmethod
+    def from_hash(cls, job_id: str, h: Mapping[str, str]) -> "Job":
+        known = {a.name for a in attrs.fields(cls)} - {"extra", "status", "job_id"}
+        kwargs: dict[str, Any] = {}
+        extra: dict[str, Any] = {}
+        for k, v in h.items():
+            if k in ("status", "job_id"):
+                continue
+            if k in INT_FIELDS:
+                try:
+                    value: Any = int(v)
+                except (TypeError, ValueError):
+                    value = None
+            elif k in BOOL_FIELDS:
+                value = v in ("1", "true", "True")
+            else:
+                value = v
+            if k in known:
+                kwargs[k] = value
+            else:
+                extra[k] = value
+        return cls(job_id=job_id, status=Status(h["status"]), extra=extra, **kwargs)
+
+    def public(self) -> dict[str, Any]:
+        """The /transferStatus body: every non-null field except secrets."""
+        out: dict[str, Any] = {}
+        for a in attrs.fields(type(self)):
+            if a.name in ("extra",) or a.name in SECRET_FIELDS:
+                continue
+            value = getattr(self, a.name)
+            if isinstance(value, Status):
+                value = value.value
+            if value is not None and value != "":
+                out[a.name] = value
+        for k, v in self.extra.items():
+            if k not in SECRET_FIELDS and v is not None and v != "":
+                out[k] = v
+        return out
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+    def result_body(self) -> dict[str, Any]:
+        """The /complete_transfer success body."""
+        return {"path": self.path, "job_id": self.job_id, "files": self.files_total or 0,
+                "bytes": self.bytes_total or 0}
+
+
+def user_path(user: str, target_subdir: tuple[str, ...], name: str) -> str:
+    """The published folder as the user sees it in their datastore."""
+    return "/" + "/".join((user, *target_subdir, name))

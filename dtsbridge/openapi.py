@@ -1,0 +1,246 @@
+"""The API as OpenAPI 3.0 (served at ``GET /openapi.json``); tests check it against real answers."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_STR = {"type": "string"}
+_INT = {"type": "integer", "minimum": 0}
+
+STATUSES = ["SUBMITTED", "STAGING", "TRANSFERRING", "SUCCESS", "ERROR", "CANCELLED"]
+
+
+def _error(description: str) -> dict[str, Any]:
+    return {"description": description,
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+
+
+def _ok(description: str, schema: str, headers: dict | None = None) -> dict[str, Any]:
+    out: dict[str, Any] = {"description": description,
+                           "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+def _body(schema: str) -> dict[str, Any]:
+    ref = {"$ref": f"#/components/schemas/{schema}"}
+    return {"required": True, "content": {"application/json": {"schema": ref},
+                                          "application/x-www-form-urlencoded": {"schema": ref}}}
+
+
+_COMMON = {
+    "401": _error("No token, or an invalid or expired token"),
+    "413": _error("The body is larger than 64 KiB"),
+    "503": _error("Redis or the authentication service is unavailable, or the service is draining"),
+}
+
+
+def spec(version: str) -> dict[str, Any]:
+    timestamps = {f"time_{s.lower()}": {"type": "string", "format": "date-time"} for s in STATUSES}
+    timestamps["time_staged"] = {"type": "string", "format": "date-time"}
+    job_props = {
+        "job_id": _STR,
+        "status": {"type": "string", "enum": STATUSES},
+        "detailed_status": _STR,
+        "reason": _STR,
+        "target_user": _STR,
+        "subdirectory": _STR,
+        "path": _STR,
+        "submitter": _STR,
+        "kind": _STR,
+        "files_total": _INT,
+        "files_done": _INT,
+        "bytes_total": _INT,
+        "bytes_done": _INT,
+        "staged_to": _STR,
+        "stager_msg": _STR,
+        "stager_path": _STR,
+        "stager_success": {"type": "boolean"},
+        "staging_timeout": _INT,
+        "manifest_resources": _INT,
+        "manifest_size_only": _INT,
+        "attempts": _INT,
+        "source_deleted": {"type": "boolean"},
+        **timestamps,
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {
+            "title": "dtsbridge",
+            "version": version,
+            "description": "Completes KBase Data Transfer Service transfers: copies a folder of the DTS area "
+                           "into a user's datastore, verifies every byte by checksum, gives the files to the "
+                           "user and keeps each job's state in Redis.",
+        },
+        "components": {
+            "securitySchemes": {
+                "token": {"type": "apiKey", "in": "header", "name": "Authorization",
+                          "description": "A dtsbridge or KBase token, bare or as `Bearer <token>`"},
+            },
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "required": ["error"],
+                    "properties": {"error": {
+                        "type": "object",
+                        "required": ["httpcode", "httpstatus", "message"],
+                        "properties": {"httpcode": {"type": "integer"}, "httpstatus": _STR, "message": _STR,
+                                       "reason": _STR, "job_id": _STR, "status": _STR},
+                    }},
+                },
+                "TransferRequest": {
+                    "type": "object",
+                    "required": ["target_user", "subdirectory"],
+                    "properties": {
+                        "target_user": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,99}$"},
+                        "subdirectory": {"type": "string", "minLength": 1,
+                                         "description": "A folder of the DTS area, relative to dts_root or "
+                                                        "as a full path inside it"},
+                    },
+                },
+                "SubmitRequest": {
+                    "type": "object",
+                    "required": ["target_user", "subdirectory"],
+                    "properties": {
+                        "target_user": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,99}$"},
+                        "subdirectory": {"type": "string", "minLength": 1},
+                        "staging_timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+                    },
+                },
+                "DoneStagingRequest": {
+                    "type": "object",
+                    "required": ["job_id", "authcode", "success"],
+                    "properties": {
+                        "job_id": _STR, "authcode": _STR, "success": {"type": "boolean"},
+                        "path": _STR, "staged_to": _STR, "msg": _STR,
+                    },
+                },
+                "JobIdRequest": {"type": "object", "required": ["job_id"], "properties": {"job_id": _STR}},
+                "Result": {
+                    "type": "object",
+                    "required": ["path", "job_id", "files", "bytes"],
+                    "properties": {"path": _STR, "job_id": _STR, "files": _INT, "bytes": _INT},
+                },
+                "Accepted": {
+                    "type": "object",
+                    "required": ["job_id", "status"],
+                    "properties": {"job_id": _STR, "status": {"type": "string", "enum": STATUSES}},
+                },
+                "Submitted": {
+                    "type": "object",
+                    "required": ["job_id", "authcode", "error", "msg"],
+                    "properties": {"job_id": _STR, "authcode": _STR, "error": {"type": "boolean"}, "msg": _STR,
+                                   "status": _STR},
+                },
+                "Staged": {
+                    "type": "object",
+                    "required": ["job_id", "status", "error"],
+                    "properties": {"job_id": _STR, "status": _STR, "error": {"type": "boolean"}, "msg": _STR},
+                },
+                "Job": {"type": "object", "required": ["job_id", "status"], "properties": job_props},
+                "JobList": {"type": "object", "required": ["jobs"],
+                            "properties": {"jobs": {"type": "array", "items": {"$ref": "#/components/schemas/Job"}}}},
+                "Health": {"type": "object", "required": ["status"],
+                           "properties": {"status": _STR, "problems": {"type": "array", "items": _STR}}},
+            },
+        },
+        "security": [{"token": []}],
+        "paths": {
+            "/complete_transfer": {"post": {
+                "summary": "Copy a DTS folder into a user's datastore, verified and owned",
+                "parameters": [{"name": "Prefer", "in": "header", "required": False, "schema": _STR,
+                                "description": "`respond-async` answers 202 at once"}],
+                "requestBody": _body("TransferRequest"),
+                "responses": {
+                    "201": _ok("Copied and verified", "Result"),
+                    "200": _ok("A repeat of a request that already succeeded; nothing copied again", "Result"),
+                    "202": _ok("Accepted (Prefer: respond-async); follow Location", "Accepted",
+                               {"Location": {"schema": _STR}}),
+                    "400": _error("Bad body, bad or unknown user, or the DTS area itself"),
+                    "403": _error("The token lacks the role, or the folder is outside the DTS area or unsafe"),
+                    "404": _error("The folder does not exist or is not a folder"),
+                    "500": _error("The copy failed; nothing was left behind"),
+                    **_COMMON,
+                },
+            }},
+            "/transferStatus": {"get": {
+                "summary": "A job's state",
+                "parameters": [{"name": "job_id", "in": "query", "required": True, "schema": _STR}],
+                "responses": {
+                    "200": _ok("The job", "Job"),
+                    "400": _error("job_id missing"),
+                    "403": _error("Neither a transfer service nor the job's target user"),
+                    "404": _error("Unknown job"),
+                    "401": _COMMON["401"], "503": _COMMON["503"],
+                },
+            }},
+            "/submitTransfer": {"post": {
+                "summary": "Register a job that waits for a stager",
+                "requestBody": _body("SubmitRequest"),
+                "responses": {
+                    "202": _ok("Registered; the authcode goes to the stager", "Submitted",
+                               {"Location": {"schema": _STR}}),
+                    "400": _error("Bad body or user"),
+                    "403": _error("The token lacks the role, or the folder is outside the DTS area"),
+                    **_COMMON,
+                },
+            }},
+            "/doneStaging": {"post": {
+                "summary": "A stager reports (the authcode is the credential)",
+                "security": [],
+                "requestBody": _body("DoneStagingRequest"),
+                "responses": {
+                    "200": _ok("Accepted", "Staged"),
+                    "400": _error("Bad parameters"),
+                    "403": _error("Wrong or used code, unknown job, or a job not waiting for staging"),
+                    "413": _COMMON["413"], "503": _COMMON["503"],
+                },
+            }},
+            "/cancelTransfer": {"post": {
+                "summary": "Cancel a queued, staging or running job",
+                "requestBody": _body("JobIdRequest"),
+                "responses": {
+                    "200": _ok("Cancelled", "Job"),
+                    "400": _error("job_id missing"),
+                    "403": _error("The token lacks the role"),
+                    "404": _error("Unknown job"),
+                    "409": _error("The job had already ended"),
+                    **_COMMON,
+                },
+            }},
+            "/jobs": {"get": {
+                "summary": "Recent jobs, newest first (a user sees only their own)",
+                "parameters": [
+                    {"name": "user", "in": "query", "required": False, "schema": _STR},
+                    {"name": "status", "in": "query", "required": False,
+                     "schema": {"type": "string", "enum": STATUSES}},
+                    {"name": "limit", "in": "query", "required": False,
+                     "schema": {"type": "integer", "minimum": 1, "maximum": 1000}},
+                ],
+                "responses": {
+                    "200": _ok("The jobs", "JobList"),
+                    "400": _error("Bad parameter"),
+                    "403": _error("A user asked for another user's jobs"),
+                    "401": _COMMON["401"], "503": _COMMON["503"],
+                },
+            }},
+            "/healthz": {"get": {
+                "summary": "Health: Redis answers, both roots reachable, not draining",
+                "security": [],
+                "responses": {"200": _ok("Healthy", "Health"), "503": _ok("What is wrong", "Health")},
+            }},
+            "/metrics": {"get": {
+                "summary": "Prometheus metrics",
+                "security": [],
+                "responses": {"200": {"description": "Prometheus text format",
+                                      "content": {"text/plain": {"schema": _STR}}}},
+            }},
+            "/openapi.json": {"get": {
+                "summary": "This document",
+                "security": [],
+                "responses": {"200": {"description": "OpenAPI 3",
+                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
+            }},
+        },
+    }

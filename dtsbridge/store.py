@@ -1,0 +1,446 @@
+"""The Redis store: every job's durable state, the work queue and its leases.
+
+Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
+
+- ``P:job:<id>``      hash: the job (see :mod:`dtsbridge.model`)
+- ``P:jobs``          sorted set: every job id by creation time (ms)
+- ``P:queue``         list: jobs waiting for a worker (LPUSH new, RPOP to claim)
+- ``P:active``        sorted set: claimed jobs by lease deadline (ms, Redis clock)
+- ``P:staging``       sorted set: jobs in STAGING by staging deadline (ms)
+- ``P:folder:<user>:<folder>``  string: the job that owns "copy this folder for
+  this user"; a repeat of the request finds it here
+- ``P:watched:<folder>``  string: the watcher has taken this folder (SET NX)
+
+Every change that must be atomic is a Lua script, and every script reads the
+time from Redis (``TIME``) so hosts with skewed clocks agree on leases and
+deadlines. A worker holds a job through a *claim token* stored on the job:
+heartbeats, the publish fence and the final state are refused once the claim
+has moved on, so a stale worker can never publish twice or overwrite a newer
+state (asynq's pending list / active set / recoverer design).
+
+Every call carries a deadline: txredisapi waits forever while Redis is down,
+so a call that does not answer in ``timeout`` seconds fails with
+:class:`StoreUnavailable`, which the web layer turns into 503.
+"""
+
+from __future__ import annotations
+
+import urllib.parse
+from typing import Any, Iterable
+
+import txredisapi
+from twisted.internet import defer
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+
+from dtsbridge.model import Job
+
+# Reconnect quickly after a Redis restart (the library's default backs off to 10 s).
+txredisapi.RedisFactory.maxDelay = 2
+
+
+class StoreUnavailable(Exception):
+    """Redis did not answer in time, or the connection is down."""
+
+
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# ARGV: prefix, job_id, enqueue(0/1), n, field1, value1, ... ; KEYS: folder key or ''
+_CREATE = _NOW + """
+local P, id, enqueue = ARGV[1], ARGV[2], ARGV[3]
+local folder = KEYS[1]
+if folder ~= '' then
+  local existing = redis.call('GET', folder)
+  if existing then
+    local st = redis.call('HGET', P .. ':job:' .. existing, 'status')
+    if st and st ~= 'ERROR' and st ~= 'CANCELLED' then
+      return {0, existing}
+    end
+  end
+  redis.call('SET', folder, id)
+end
+local key = P .. ':job:' .. id
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+redis.call('ZADD', P .. ':jobs', now, id)
+if enqueue == '1' then
+  redis.call('LPUSH', P .. ':queue', id)
+end
+return {1, id}
+"""
+
+# ARGV: prefix, token, holder, lease_ms, iso_now ; returns job_id or false
+_CLAIM = _NOW + """
+local P, token, holder, lease, iso = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+while true do
+  local id = redis.call('RPOP', P .. ':queue')
+  if not id then return false end
+  local key = P .. ':job:' .. id
+  local st = redis.call('HGET', key, 'status')
+  if st == 'SUBMITTED' or st == 'TRANSFERRING' then
+    redis.call('ZADD', P .. ':active', now + lease, id)
+    redis.call('HSET', key, 'claim', token, 'lease_host', holder, 'status', 'TRANSFERRING')
+    redis.call('HSETNX', key, 'time_transferring', iso)
+    redis.call('HINCRBY', key, 'attempts', 1)
+    return id
+  end
+end
+"""
+
+# ARGV: prefix, id, token, lease_ms, field, value, ... ; returns status, or false when the claim is lost
+_HEARTBEAT = _NOW + """
+local P, id, token, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+local key = P .. ':job:' .. id
+if redis.call('HGET', key, 'claim') ~= token then return false end
+redis.call('ZADD', P .. ':active', 'XX', now + lease, id)
+for i = 5, #ARGV, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+return redis.call('HGET', key, 'status')
+"""
+
+# ARGV: prefix, id, token, field, value, ... ; 1 when the claim holds and the job may publish
+_FENCE = """
+local P, id, token = ARGV[1], ARGV[2], ARGV[3]
+local key = P .. ':job:' .. id
+if redis.call('HGET', key, 'claim') ~= token then return 0 end
+if redis.call('HGET', key, 'status') ~= 'TRANSFERRING' then return 0 end
+for i = 4, #ARGV, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', key, 'publishing', token)
+return 1
+"""
+
+# ARGV: prefix, id, token, status, iso_now, field, value, ... ; returns the status the job ends in, or false
+_FINISH = """
+local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = P .. ':job:' .. id
+if redis.call('HGET', key, 'claim') ~= token then return false end
+redis.call('ZREM', P .. ':active', id)
+redis.call('HDEL', key, 'claim', 'publishing')
+local st = redis.call('HGET', key, 'status')
+if st == 'SUCCESS' or st == 'ERROR' or st == 'CANCELLED' then return st end
+redis.call('HSET', key, 'status', status, 'time_' .. string.lower(status), iso)
+for i = 6, #ARGV, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+return status
+"""
+
+# ARGV: prefix, id, token, detail ; hand a claimed job back to the front of the queue
+_RELEASE = """
+local P, id, token, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = P .. ':job:' .. id
+if redis.call('HGET', key, 'claim') ~= token then return 0 end
+redis.call('ZREM', P .. ':active', id)
+redis.call('HDEL', key, 'claim', 'publishing')
+local st = redis.call('HGET', key, 'status')
+if st == 'TRANSFERRING' or st == 'SUBMITTED' then
+  redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
+  redis.call('RPUSH', P .. ':queue', id)
+end
+return 1
+"""
+
+# ARGV: prefix, detail[, id, token] ; requeue jobs whose lease lapsed (or one given job
+# whose holder is known dead); returns {requeued..., '|', ended...}
+_RECOVER = _NOW + """
+local P, detail = ARGV[1], ARGV[2]
+local ids
+if ARGV[3] then
+  if redis.call('HGET', P .. ':job:' .. ARGV[3], 'claim') ~= ARGV[4] then return {'|'} end
+  ids = {ARGV[3]}
+else
+  ids = redis.call('ZRANGEBYSCORE', P .. ':active', '-inf', now)
+end
+local requeued, ended = {}, {}
+for _, id in ipairs(ids) do
+  local key = P .. ':job:' .. id
+  redis.call('ZREM', P .. ':active', id)
+  redis.call('HDEL', key, 'claim')
+  local st = redis.call('HGET', key, 'status')
+  if st == 'TRANSFERRING' or st == 'SUBMITTED' then
+    redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
+    redis.call('RPUSH', P .. ':queue', id)
+    table.insert(requeued, id)
+  else
+    redis.call('HDEL', key, 'publishing')
+    table.insert(ended, id)
+  end
+end
+table.insert(requeued, '|')
+for _, id in ipairs(ended) do table.insert(requeued, id) end
+return requeued
+"""
+
+# ARGV: prefix, id, iso_now, detail ; returns OK | NOTFOUND | PUBLISHING | <final status>
+_CANCEL = """
+local P, id, iso, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local key = P .. ':job:' .. id
+local st = redis.call('HGET', key, 'status')
+if not st then return 'NOTFOUND' end
+if st == 'SUCCESS' or st == 'ERROR' or st == 'CANCELLED' then return st end
+if redis.call('HEXISTS', key, 'publishing') == 1 then return 'PUBLISHING' end
+redis.call('HSET', key, 'status', 'CANCELLED', 'time_cancelled', iso, 'reason', 'cancelled',
+           'detailed_status', detail)
+redis.call('HDEL', key, 'authcode_hash')
+redis.call('LREM', P .. ':queue', 0, id)
+redis.call('ZREM', P .. ':staging', id)
+if redis.call('HEXISTS', key, 'claim') == 0 then redis.call('ZREM', P .. ':active', id) end
+return 'OK'
+"""
+
+# ARGV: prefix, id, code_hash, success(0/1), iso_now, field, value, ...
+_STAGED = """
+local P, id, code, success, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local key = P .. ':job:' .. id
+local st = redis.call('HGET', key, 'status')
+if not st then return 'NOTFOUND' end
+if st ~= 'STAGING' then return 'NOTSTAGING' end
+local h = redis.call('HGET', key, 'authcode_hash')
+if (not h) or h ~= code then return 'BADCODE' end
+redis.call('HDEL', key, 'authcode_hash')
+redis.call('ZREM', P .. ':staging', id)
+for i = 6, #ARGV, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+if success == '1' then
+  redis.call('HSET', key, 'status', 'SUBMITTED', 'time_staged', iso)
+  redis.call('LPUSH', P .. ':queue', id)
+else
+  redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_failed')
+end
+return 'OK'
+"""
+
+# ARGV: prefix, iso_now ; jobs whose staging deadline passed end in ERROR
+_SWEEP_STAGING = _NOW + """
+local P, iso = ARGV[1], ARGV[2]
+local ids = redis.call('ZRANGEBYSCORE', P .. ':staging', '-inf', now)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', P .. ':staging', id)
+  local key = P .. ':job:' .. id
+  if redis.call('HGET', key, 'status') == 'STAGING' then
+    redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_timeout',
+               'detailed_status', 'the stager did not report within ' .. (redis.call('HGET', key, 'staging_timeout') or '?') .. ' seconds')
+    redis.call('HDEL', key, 'authcode_hash')
+    table.insert(out, id)
+  end
+end
+return out
+"""
+
+# ARGV: prefix, id, timeout_ms
+_ADD_STAGING = _NOW + """
+redis.call('ZADD', ARGV[1] .. ':staging', now + tonumber(ARGV[3]), ARGV[2])
+return 1
+"""
+
+
+def _flat(fields: dict[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
+    items = fields.items() if isinstance(fields, dict) else fields
+    out: list[str] = []
+    for k, v in items:
+        if v is None:
+            continue
+        if isinstance(v, bool):
+            v = "1" if v else "0"
+        out += [k, str(v)]
+    return out
+
+
+def connect(url: str, poolsize: int = 10, reactor=None):
+    """A lazy, self-reconnecting txredisapi connection pool for ``url``.
+
+    ``redis://[:password@]host:port[/db]``, ``unix:///path/redis.sock[?db=N]``, or
+    ``redis+sentinel://host:port[,host:port…]/master_name[/db]`` (Sentinel).
+    Database 0 is never SELECTed, so a reconnect cannot fail on SELECT.
+    """
+    u = urllib.parse.urlsplit(url)
+    kw: dict[str, Any] = dict(poolsize=poolsize, reconnect=True, convertNumbers=False, connectTimeout=5)
+    if u.password:
+        kw["password"] = urllib.parse.unquote(u.password)
+    if u.scheme == "unix":
+        q = urllib.parse.parse_qs(u.query)
+        db = int(q.get("db", ["0"])[0])
+        return txredisapi.lazyUnixConnectionPool(u.path, dbid=db or None, **kw)
+    if u.scheme == "redis+sentinel":
+        hosts = []
+        for hp in u.netloc.rsplit("@", 1)[-1].split(","):
+            host, _, port = hp.rpartition(":")
+            hosts.append((host or hp, int(port or 26379)))
+        parts = [p for p in u.path.split("/") if p]
+        if not parts:
+            raise ValueError("redis+sentinel:// URL needs a master name: redis+sentinel://host:26379/mymaster")
+        db = int(parts[1]) if len(parts) > 1 else 0
+        sentinel = txredisapi.Sentinel(hosts)
+        return sentinel.master_for(parts[0], dbid=db or None, poolsize=poolsize,
+                                   **{k: v for k, v in kw.items() if k in ("password",)})
+    if u.scheme == "redis":
+        db = int(u.path.strip("/") or 0)
+        return txredisapi.lazyConnectionPool(u.hostname or "127.0.0.1", u.port or 6379, dbid=db or None, **kw)
+    raise ValueError(f"unsupported Redis URL {url!r}")
+
+
+class Store:
+    """Async access to jobs, queue and leases; every call answers or fails within ``timeout``."""
+
+    log = Logger()
+
+    def __init__(self, redis, prefix: str = "dtsbridge", timeout: float = 5.0, reactor=None) -> None:
+        if reactor is None:
+            from twisted.internet import reactor  # noqa: F811
+        self.redis = redis
+        self.prefix = prefix
+        self.timeout = timeout
+        self.reactor = reactor
+        self.errors = 0  # Redis errors and timeouts seen (for /metrics)
+
+    # -- plumbing ---------------------------------------------------------
+
+    def _key(self, *parts: str) -> str:
+        return ":".join((self.prefix, *parts))
+
+    def folder_key(self, user: str, source_rel: str) -> str:
+        return self._key("folder", user, source_rel)
+
+    async def _call(self, d: Deferred) -> Any:
+        d.addTimeout(self.timeout, self.reactor)
+        try:
+            return await d
+        except (defer.TimeoutError, defer.CancelledError, txredisapi.ConnectionError) as e:
+            self.errors += 1
+            raise StoreUnavailable(f"Redis did not answer: {e.__class__.__name__}") from None
+        except txredisapi.ResponseError as e:
+            self.errors += 1
+            msg = str(e)
+            if msg.startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN")):
+                raise StoreUnavailable(f"Redis is not ready: {msg}") from None
+            raise
+        except ConnectionError as e:  # builtin, e.g. refused while connecting
+            self.errors += 1
+            raise StoreUnavailable(f"Redis is unreachable: {e}") from None
+
+    async def _eval(self, script: str, keys: list[str], args: list[str]) -> Any:
+        return await self._call(self.redis.eval(script, keys, [self.prefix, *args]))
+
+    # -- reading ----------------------------------------------------------
+
+    async def ping(self) -> bool:
+        return (await self._call(self.redis.ping())) in ("PONG", b"PONG", True)
+
+    async def get_job(self, job_id: str) -> Job | None:
+        h = await self._call(self.redis.hgetall(self._key("job", job_id)))
+        if not h or "status" not in h:
+            return None
+        return Job.from_hash(job_id, h)
+
+    async def get_field(self, job_id: str, field: str) -> str | None:
+        return await self._call(self.redis.hget(self._key("job", job_id), field))
+
+    async def counts(self) -> dict[str, int]:
+        queued = await self._call(self.redis.llen(self._key("queue")))
+        active = await self._call(self.redis.zcard(self._key("active")))
+        staging = await self._call(self.redis.zcard(self._key("staging")))
+        return {"queued": int(queued or 0), "active": int(active or 0), "staging": int(staging or 0)}
+
+    async def active_holders(self) -> list[tuple[str, str, str]]:
+        """(job_id, claim token, holder) of every claimed job."""
+        ids = await self._call(self.redis.zrange(self._key("active"), 0, -1))
+        out = []
+        for job_id in ids or []:
+            claim = await self.get_field(job_id, "claim")
+            holder = await self.get_field(job_id, "lease_host")
+            if claim:
+                out.append((job_id, claim, holder or ""))
+        return out
+
+    async def list_jobs(self, user: str | None = None, status: str | None = None, limit: int = 100) -> list[Job]:
+        ids = await self._call(self.redis.zrevrange(self._key("jobs"), 0, -1))
+        out: list[Job] = []
+        for job_id in ids or []:
+            job = await self.get_job(job_id)
+            if job is None:
+                continue
+            if user and job.target_user != user:
+                continue
+            if status and job.status.value != status:
+                continue
+            out.append(job)
+            if len(out) >= limit:
+                break
+        return out
+
+    # -- changing ---------------------------------------------------------
+
+    async def create_job(self, job_id: str, fields: dict[str, Any], folder_key: str | None = None,
+                         enqueue: bool = True) -> tuple[bool, str]:
+        """Create a job; with ``folder_key``, join the live job for that folder instead.
+
+        Returns ``(created, job_id)``: ``created`` is false when an existing job
+        (queued, staging, running or successful) already owns the folder.
+        """
+        r = await self._eval(_CREATE, [folder_key or ""], [job_id, "1" if enqueue else "0", *_flat(fields)])
+        return bool(int(r[0])), r[1]
+
+    async def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
+        await self._call(self.redis.hmset(self._key("job", job_id), dict(zip(*[iter(_flat(fields))] * 2))))
+
+    async def add_staging(self, job_id: str, timeout_s: float) -> None:
+        await self._eval(_ADD_STAGING, [], [job_id, str(int(timeout_s * 1000))])
+
+    async def claim(self, token: str, holder: str, lease_s: float, iso_now: str) -> str | None:
+        r = await self._eval(_CLAIM, [], [token, holder, str(int(lease_s * 1000)), iso_now])
+        return r or None
+
+    async def heartbeat(self, job_id: str, token: str, lease_s: float, fields: dict[str, Any]) -> str | None:
+        """Renew the lease and record progress; the job's status, or None if the claim was lost."""
+        r = await self._eval(_HEARTBEAT, [], [job_id, token, str(int(lease_s * 1000)), *_flat(fields)])
+        return r or None
+
+    async def fence(self, job_id: str, token: str, fields: dict[str, Any]) -> bool:
+        return bool(await self._eval(_FENCE, [], [job_id, token, *_flat(fields)]))
+
+    async def finish(self, job_id: str, token: str, status: str, iso_now: str, fields: dict[str, Any]) -> str | None:
+        """Record the final state if the claim still holds; the status the job ended in, or None."""
+        r = await self._eval(_FINISH, [], [job_id, token, status, iso_now, *_flat(fields)])
+        return r or None
+
+    async def release(self, job_id: str, token: str, detail: str) -> bool:
+        return bool(await self._eval(_RELEASE, [], [job_id, token, detail]))
+
+    async def recover(self, detail: str, job_id: str | None = None, token: str | None = None) -> tuple[list[str], list[str]]:
+        """Requeue lapsed leases (or one job whose holder is dead): (requeued, already ended)."""
+        args = [detail] + ([job_id, token] if job_id else [])
+        r = await self._eval(_RECOVER, [], args)
+        i = r.index("|")
+        return list(r[:i]), list(r[i + 1:])
+
+    async def cancel(self, job_id: str, iso_now: str, detail: str) -> str:
+        return await self._eval(_CANCEL, [], [job_id, iso_now, detail])
+
+    async def staged(self, job_id: str, code_hash: str, success: bool, iso_now: str, fields: dict[str, Any]) -> str:
+        return await self._eval(_STAGED, [], [job_id, code_hash, "1" if success else "0", iso_now, *_flat(fields)])
+
+    async def sweep_staging(self, iso_now: str) -> list[str]:
+        return list(await self._eval(_SWEEP_STAGING, [], [iso_now]) or [])
+
+    async def mark_watched(self, source_rel: str, job_id: str) -> bool:
+        """Take a folder for the watcher; True only for the first process to ask."""
+        r = await self._call(self.redis.set(self._key("watched", source_rel), job_id, only_if_not_exists=True))
+        return r not in (None, False)
+
+    async def is_watched(self, source_rel: str) -> bool:
+        return bool(await self._call(self.redis.exists(self._key("watched", source_rel))))
+
+    async def close(self) -> None:
+        try:
+            await self.redis.disconnect()
+        except Exception:  # noqa: BLE001 - closing a dead connection
+            pass

@@ -1,0 +1,230 @@
+"""``twistd dtsbridge``: the options and the service tree.
+
+``makeService`` wires the parts together as a ``MultiService``:
+
+1. the thread pool that runs the copy engine and every other blocking call;
+2. the embedded ``redis-server`` (``[redis] url = embedded``);
+3. the web server (Klein resource on the ``[server] listen`` endpoint);
+4. the bridge (job claiming, leases, recovery, staging timeouts);
+5. the watcher of the DTS area (``[watch] enabled``).
+
+Services stop in reverse order, so on SIGTERM the watcher and the bridge stop
+first (new jobs get 503 while running copies finish within
+``[drain] grace_seconds``), then the web server, Redis and the pool.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import signal
+import sys
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.internet import defer
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python import threadpool, usage
+from twisted.web.server import Site
+
+from dtsbridge import __version__, auth, config as configmod
+from dtsbridge.core import Bridge
+from dtsbridge.metrics import Metrics
+from dtsbridge.store import Store, StoreUnavailable, connect
+
+log = Logger(namespace="dtsbridge")
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = "Complete KBase DTS transfers: copy, verify, own and publish folders into users' datastores."
+    optParameters = [
+        ["config", "c", None, "The INI configuration file (see etc/dtsbridge.ini)."],
+        ["listen", "l", None, "A Twisted server endpoint string; overrides [server] listen."],
+        ["redis", "r", None, "embedded, redis://…, unix://… or redis+sentinel://…; overrides [redis] url."],
+    ]
+
+    def postOptions(self) -> None:
+        overrides = {"server": {"listen": self["listen"]}, "redis": {"url": self["redis"]}}
+        try:
+            self.config = configmod.load(self["config"], overrides)
+        except configmod.ConfigError as e:
+            # One clear line, then stop: twistd's usage dump would bury it.
+            sys.stderr.write(f"dtsbridge: configuration error: {e}\n")
+            sys.stderr.flush()
+            raise SystemExit(2)
+
+
+class ThreadPoolService(service.Service):
+    """Starts and stops the thread pool that runs all blocking work."""
+
+    def __init__(self, pool: threadpool.ThreadPool, executor: concurrent.futures.Executor) -> None:
+        self.pool = pool
+        self.executor = executor
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+class BridgeService(service.Service):
+    """Runs the bridge's loops; on stop, drains (see :meth:`Bridge.stop`)."""
+
+    def __init__(self, bridge: Bridge, store: Store) -> None:
+        self.bridge = bridge
+        self.store = store
+
+    def startService(self) -> None:
+        super().startService()
+        self.bridge.start()
+        self._install_signals()
+
+    def _install_signals(self) -> None:
+        reactor = self.bridge.reactor
+
+        def toggle(signum, frame) -> None:
+            def flip() -> None:
+                b = self.bridge
+                b.halt_when_idle = not b.halt_when_idle
+                log.info("SIGUSR2: halt when idle is now {state}", state="on" if b.halt_when_idle else "off")
+                if not b.halt_when_idle:
+                    b._claim_soon()
+                else:
+                    ensureDeferred(self._halt_when_idle())
+            reactor.callFromThread(flip)
+
+        try:
+            signal.signal(signal.SIGUSR2, toggle)
+        except ValueError:  # not the main thread (tests)
+            pass
+
+    async def _halt_when_idle(self) -> None:
+        from twisted.internet.task import deferLater
+        b = self.bridge
+        while b.halt_when_idle and b.running:
+            await deferLater(b.reactor, 0.2, lambda: None)
+        if b.halt_when_idle:
+            log.info("SIGUSR2: current jobs finished; halting")
+            b.reactor.stop()
+
+    def stopService(self):
+        super().stopService()
+        return ensureDeferred(self._stop())
+
+    async def _stop(self) -> None:
+        await self.bridge.stop()
+        await self.store.close()
+
+
+def make_health(cfg: configmod.Config, store: Store, bridge: Bridge, run_in_thread, reactor):
+    async def health() -> list[str]:
+        problems: list[str] = []
+        if bridge.draining:
+            problems.append("draining: the process is shutting down")
+        try:
+            d = defer.ensureDeferred(store.ping())
+            await d
+        except StoreUnavailable as e:
+            problems.append(f"redis: {e}")
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"redis: {e}")
+
+        def roots() -> list[str]:
+            out = []
+            for name, path in (("dts_root", cfg.dts_root), ("user_root", cfg.user_root)):
+                if not os.path.isdir(path):
+                    out.append(f"{name} {path} is not a reachable folder")
+                elif not os.access(path, os.R_OK | os.X_OK):
+                    out.append(f"{name} {path} is not readable")
+            return out
+
+        d = run_in_thread(roots)
+        d.addTimeout(2, reactor)
+        try:
+            problems += await d
+        except defer.TimeoutError:
+            problems.append("the roots did not answer within 2 s")
+        return problems
+
+    return health
+
+
+def makeService(options: Options) -> service.IService:
+    from twisted.internet import reactor
+
+    cfg: configmod.Config = options.config
+    top = service.MultiService()
+
+    pool = threadpool.ThreadPool(minthreads=2, maxthreads=cfg.max_jobs + 4, name="dtsbridge-copy")
+    executor = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
+    ThreadPoolService(pool, executor).setServiceParent(top)
+
+    def run_in_thread(f, *args: Any, **kwargs: Any):
+        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
+
+    redis_url = cfg.redis_url
+    if redis_url == "embedded":
+        from dtsbridge.redis_server import EmbeddedRedis
+        try:
+            embedded = EmbeddedRedis(cfg.state_dir, reactor=reactor)
+        except RuntimeError as e:
+            sys.stderr.write(f"dtsbridge: configuration error: [redis] url: {e}\n")
+            raise SystemExit(2)
+        embedded.setServiceParent(top)
+        redis_url = embedded.url
+
+    try:
+        authenticator = _make_auth(cfg, reactor)
+        users = auth.make_user_checker(cfg.users_check, user_root=cfg.user_root, base_url=cfg.kbase_url,
+                                       service_token=cfg.service_token, run_in_thread=run_in_thread)
+    except (ValueError, OSError) as e:
+        sys.stderr.write(f"dtsbridge: configuration error: {e}\n")
+        raise SystemExit(2)
+
+    metrics = Metrics()
+    store = Store(connect(redis_url, poolsize=max(10, cfg.max_jobs * 2 + 4), reactor=reactor),
+                  prefix=cfg.key_prefix, timeout=cfg.redis_timeout, reactor=reactor)
+    bridge = Bridge(cfg, store, run_in_thread, users, reactor=reactor, metrics=metrics, executor=executor)
+    if isinstance(authenticator, auth.KBaseAuth):
+        metrics.add_counter("dtsbridge_auth_cache_hits", "Token checks answered from the cache",
+                            lambda: authenticator.cache_hits)
+        metrics.add_counter("dtsbridge_auth_cache_misses", "Token checks that asked KBase auth2",
+                            lambda: authenticator.cache_misses)
+
+    from dtsbridge.openapi import spec
+    from dtsbridge.web import Api
+    api = Api(bridge, authenticator, health=make_health(cfg, store, bridge, run_in_thread, reactor),
+              openapi=spec(__version__))
+    site = Site(api.resource())
+    site.displayTracebacks = False
+    strports.service(cfg.listen, site).setServiceParent(top)
+
+    BridgeService(bridge, store).setServiceParent(top)
+
+    if cfg.watch_enabled:
+        from dtsbridge.watch import WatchService
+        WatchService(bridge, run_in_thread).setServiceParent(top)
+
+    for key in cfg.unknown_keys:
+        log.warn("config: {key} is not a dtsbridge setting; ignored", key=key)
+    log.info("dtsbridge {version}: dts_root={dts}, user_root={users}, redis={redis}, listening on {listen}",
+             version=__version__, dts=cfg.dts_root, users=cfg.user_root,
+             redis=cfg.redis_url if cfg.redis_url != "embedded" else f"embedded ({redis_url})", listen=cfg.listen)
+    return top
+
+
+def _make_auth(cfg: configmod.Config, reactor):
+    if cfg.auth_backend == "tokens":
+        if not os.path.isfile(cfg.tokens_file):
+            raise ValueError(f"[auth] tokens_file: {cfg.tokens_file} does not exist "
+                             f"(make one with: dtsbridge token new NAME >> {cfg.tokens_file})")
+        return auth.TokenFileAuth(cfg.tokens_file)
+    return auth.KBaseAuth(cfg.kbase_url, cache_seconds=cfg.auth_cache_seconds, timeout=cfg.auth_timeout,
+                          reactor=reactor)

@@ -1,0 +1,197 @@
+"""Watching the DTS area: complete a transfer when its ``manifest.json`` has landed.
+
+DTS writes ``<dts_root>/<username>/dts-<uuid>/`` and sends ``manifest.json``
+last. Every ``[watch] interval_seconds`` the watcher lists the folders one and
+two levels below ``dts_root`` (never following a link), notes each
+``manifest.json`` with its size and mtime, and when one has not changed for
+``settle_seconds`` it queues the same job ``/complete_transfer`` would, for the
+manifest's ``username`` (or, if the manifest names none, the ``<username>``
+folder of the DTS layout).
+
+Exactly once per folder, across processes: the folder is taken with
+``SET NX`` in Redis before the job is queued, and the job is created under the
+folder key that a later ``/complete_transfer`` for the same user and folder
+finds (so that call answers 200 with the same ``job_id``). A manifest that
+cannot be used fails its job with a reason; it never stops the watcher.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import time
+import uuid
+from typing import Any
+
+from twisted.application.service import Service
+from twisted.internet import task
+from twisted.internet.defer import ensureDeferred
+from twisted.logger import Logger
+
+from dtsbridge import engine, errors
+from dtsbridge.core import Bridge, RequestError
+from dtsbridge.model import Status, now_iso
+from dtsbridge.store import StoreUnavailable
+
+MANIFEST = "manifest.json"
+MAX_MANIFEST = 64 * 1024 * 1024
+
+
+def find_manifests(dts_root: str) -> dict[str, tuple[int, int]]:
+    """``{folder relative to dts_root: (size, mtime_ns)}`` of every manifest one or two levels down."""
+    out: dict[str, tuple[int, int]] = {}
+    flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    root = os.open(dts_root, flags)
+    try:
+        def visit(dirfd: int, rel: str, depth: int) -> None:
+            try:
+                entries = list(os.scandir(dirfd))
+            except OSError:
+                return
+            for e in entries:
+                if e.name.startswith(".") or not e.is_dir(follow_symlinks=False):
+                    continue
+                try:
+                    fd = os.open(e.name, flags, dir_fd=dirfd)
+                except OSError:
+                    continue
+                try:
+                    sub = f"{rel}/{e.name}" if rel else e.name
+                    try:
+                        st = os.stat(MANIFEST, dir_fd=fd, follow_symlinks=False)
+                    except OSError:
+                        st = None
+                    if st is not None and stat.S_ISREG(st.st_mode):
+                        out[sub] = (st.st_size, st.st_mtime_ns)
+                    elif depth < 2:
+                        visit(fd, sub, depth + 1)
+                finally:
+                    os.close(fd)
+
+        visit(root, "", 1)
+    finally:
+        os.close(root)
+    return out
+
+
+def manifest_username(dts_root: str, rel: str) -> str | None:
+    """The ``username`` a folder's manifest names, or None if it names none or cannot be read."""
+    try:
+        fd = engine.open_beneath(os.open(dts_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
+                                 f"{rel}/{MANIFEST}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (OSError, errors.TransferError):
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = json.loads(f.read() or b"{}")
+        user = data.get("username") if isinstance(data, dict) else None
+        return user if isinstance(user, str) and user else None
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    finally:
+        os.close(fd)
+
+
+class WatchService(Service):
+    """Polls the DTS area and queues a job for each settled manifest."""
+
+    log = Logger()
+
+    def __init__(self, bridge: Bridge, run_in_thread, clock=time.monotonic) -> None:
+        self.bridge = bridge
+        self.run_in_thread = run_in_thread
+        self.clock = clock
+        self.cfg = bridge.config
+        self.seen: dict[str, tuple[tuple[int, int], float]] = {}
+        self.done: set[str] = set()
+        self._loop: task.LoopingCall | None = None
+        self._busy = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self._poll)
+        self._loop.clock = self.bridge.reactor
+        self._loop.start(self.cfg.watch_interval, now=True)
+
+    def stopService(self) -> None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+
+    def _poll(self) -> None:
+        if self._busy or self.bridge.draining:
+            return
+        self._busy = True
+        d = ensureDeferred(self.scan())
+        d.addErrback(lambda f: self.log.failure("watching the DTS area failed", f))
+        d.addBoth(lambda _: setattr(self, "_busy", False))
+
+    async def scan(self) -> list[str]:
+        """One pass: returns the folders queued in it."""
+        try:
+            found = await self.run_in_thread(find_manifests, self.cfg.dts_root)
+        except OSError as e:
+            self.log.warn("cannot list the DTS area {root}: {e}", root=self.cfg.dts_root, e=e)
+            return []
+        now = self.clock()
+        queued = []
+        for rel, sig in found.items():
+            if rel in self.done:
+                continue
+            prev = self.seen.get(rel)
+            if prev is None or prev[0] != sig:
+                self.seen[rel] = (sig, now)
+                if self.cfg.watch_settle > 0 or prev is None:
+                    continue
+            elif now - prev[1] < self.cfg.watch_settle:
+                continue
+            try:
+                if await self.take(rel):
+                    queued.append(rel)
+            except StoreUnavailable:
+                return queued
+            self.done.add(rel)
+            self.seen.pop(rel, None)
+        for rel in list(self.seen):
+            if rel not in found:
+                del self.seen[rel]
+        return queued
+
+    async def take(self, rel: str) -> bool:
+        """Queue the job for one settled folder unless another process already took it."""
+        store = self.bridge.store
+        if await store.is_watched(rel):
+            return False
+        if not await store.mark_watched(rel, "taken"):
+            return False
+        user = await self.run_in_thread(manifest_username, self.cfg.dts_root, rel)
+        if user is None and "/" in rel:
+            user = rel.split("/", 1)[0]  # the DTS layout: <username>/dts-<uuid>
+        try:
+            if not user:
+                raise RequestError(400, "the manifest names no username", reason=errors.MANIFEST_MISMATCH)
+            job, created = await self.bridge.submit(user, rel, "watcher", kind="watch")
+            self.log.info("watcher: {folder} for {user} is job {job_id}", folder=rel, user=user, job_id=job.job_id)
+        except RequestError as e:
+            job_id = await self.record_failure(rel, user or "", e)
+            self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
+                          msg=e.message, job_id=job_id)
+        return True
+
+    async def record_failure(self, rel: str, user: str, e: RequestError) -> str:
+        """A job in ERROR for a folder the watcher cannot complete, so operators see why."""
+        reason = e.extra.get("reason") or (errors.USER_NOT_FOUND if "user" in e.message else errors.BAD_REQUEST)
+        job_id = str(uuid.uuid4())
+        now = now_iso()
+        fields: dict[str, Any] = {
+            "status": Status.ERROR.value, "target_user": user, "subdirectory": rel, "source_rel": rel,
+            "submitter": "watcher", "kind": "watch", "time_submitted": now, "time_error": now,
+            "reason": reason, "detailed_status": e.message,
+        }
+        await self.bridge.store.create_job(job_id, fields, enqueue=False)
+        self.bridge.metrics.jobs_finished.labels("ERROR", reason).inc()
+        return job_id

@@ -1,0 +1,328 @@
+"""The HTTP API: parse, authenticate, hand over to the :class:`~dtsbridge.core.Bridge`.
+
+Every error is JSON, ``{"error": {"httpcode", "httpstatus", "message", …}}``,
+made in one place (:meth:`Api.handle_errors`).
+"""
+
+from __future__ import annotations
+
+import http
+import json
+import urllib.parse
+from typing import Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import HTTPException
+
+from dtsbridge import auth
+from dtsbridge.core import Bridge, Draining, RequestError, _looks_like_id
+from dtsbridge.errors import http_status_for
+from dtsbridge.model import Job
+from dtsbridge.store import StoreUnavailable
+
+MAX_BODY = 64 * 1024
+
+
+class ApiError(Exception):
+    def __init__(self, code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+        self.extra = extra
+
+
+def _json(request: IRequest, code: int, body: Any, headers: dict[str, str] | None = None) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    for k, v in (headers or {}).items():
+        request.setHeader(k.encode(), v.encode())
+    return json.dumps(body).encode() + b"\n"
+
+
+def error_body(code: int, message: str, **extra: Any) -> dict[str, Any]:
+    try:
+        phrase = http.HTTPStatus(code).phrase
+    except ValueError:
+        phrase = "Error"
+    err: dict[str, Any] = {"httpcode": code, "httpstatus": phrase, "message": message}
+    err.update({k: v for k, v in extra.items() if v is not None})
+    return {"error": err}
+
+
+def read_body(request: IRequest) -> dict[str, Any]:
+    """The request's fields from a JSON or form-encoded body (at most 64 KiB)."""
+    length = request.getHeader(b"content-length")
+    if length is not None:
+        try:
+            if int(length) > MAX_BODY:
+                raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
+        except ValueError:
+            raise ApiError(400, "bad Content-Length") from None
+    raw = request.content.read(MAX_BODY + 1) if request.content is not None else b""
+    if len(raw) > MAX_BODY:
+        raise ApiError(413, f"the body is larger than {MAX_BODY} bytes")
+    ctype = (request.getHeader(b"content-type") or b"").split(b";")[0].strip().lower()
+    stripped = raw.strip()
+    if not stripped:
+        return {}
+    if ctype == b"application/json" or (ctype not in (b"application/x-www-form-urlencoded",) and stripped[:1] == b"{"):
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "the body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the body must be a JSON object")
+        return body
+    try:
+        text = raw.decode("utf-8")
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+    except (UnicodeDecodeError, ValueError):
+        raise ApiError(400, "the body is neither JSON nor a valid form") from None
+    out: dict[str, Any] = {}
+    for k, v in pairs:
+        if k in out:
+            raise ApiError(400, f"{k} is given more than once")
+        out[k] = v
+    return out
+
+
+def text_field(body: dict[str, Any], name: str, required: bool = True, limit: int = 4096) -> str | None:
+    value = body.get(name)
+    if value is None:
+        if required:
+            raise ApiError(400, f"{name} is required")
+        return None
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    if value == "" or value.strip() == "":
+        if required:
+            raise ApiError(400, f"{name} must not be empty")
+        return None
+    if len(value) > limit or "\x00" in value:
+        raise ApiError(400, f"{name} is too long or holds a NUL character")
+    return value
+
+
+def bool_field(body: dict[str, Any], name: str) -> bool:
+    value = body.get(name)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "1", "yes", "on"):
+        return True
+    if isinstance(value, str) and value.strip().lower() in ("false", "0", "no", "off"):
+        return False
+    if value is None:
+        raise ApiError(400, f"{name} is required (true or false)")
+    raise ApiError(400, f"{name} must be true or false")
+
+
+def prefers_async(request: IRequest) -> bool:
+    prefer = b",".join(request.requestHeaders.getRawHeaders(b"prefer", []))
+    return any(p.strip().split(b";")[0].strip().lower() == b"respond-async" for p in prefer.split(b","))
+
+
+class Api:
+    """The Klein application over one :class:`Bridge`."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(self, bridge: Bridge, authenticator, health=None, openapi: dict | None = None) -> None:
+        self.bridge = bridge
+        self.auth = authenticator
+        self.role = bridge.config.transfer_role
+        self.health = health
+        self.openapi = openapi
+
+    def resource(self):
+        return self.app.resource()
+
+    # -- errors ----------------------------------------------------------
+
+    @app.handle_errors(Exception)
+    def handle_errors(self, request: IRequest, failure: Failure) -> bytes:
+        e = failure.value
+        headers: dict[str, str] = {}
+        extra: dict[str, Any] = {}
+        if isinstance(e, ApiError):
+            code, message, headers, extra = e.code, e.message, e.headers, e.extra
+        elif isinstance(e, RequestError):
+            code, message, extra = e.code, e.message, e.extra
+        elif isinstance(e, auth.Unauthorized):
+            code, message = 401, str(e) or "authentication required"
+            headers = {"WWW-Authenticate": 'Bearer realm="dtsbridge"'}
+        elif isinstance(e, auth.AuthUnavailable):
+            code, message = 503, f"the authentication service is unavailable: {e}"
+            headers = {"Retry-After": "5"}
+        elif isinstance(e, StoreUnavailable):
+            code, message = 503, f"the job store is unavailable: {e}"
+            headers = {"Retry-After": "5"}
+        elif isinstance(e, Draining):
+            code, message = 503, "the service is shutting down and takes no new jobs"
+            headers = {"Retry-After": "10"}
+        elif isinstance(e, HTTPException):
+            code = e.code or 500
+            message = e.description or e.name
+            if code == 405 and hasattr(e, "valid_methods") and e.valid_methods:
+                headers = {"Allow": ", ".join(e.valid_methods)}
+        else:
+            self.log.failure("unexpected error answering {uri}", failure, uri=request.uri)
+            code, message = 500, "internal error"
+        self.bridge.metrics.requests.labels(_route(request), str(code)).inc()
+        return _json(request, code, error_body(code, message, **extra), headers)
+
+    # -- helpers ---------------------------------------------------------
+
+    async def identify(self, request: IRequest) -> auth.Identity:
+        token = auth.token_from_header(request.getHeader(b"authorization"))
+        if token is None:
+            raise auth.Unauthorized("an Authorization header with a token is required")
+        return await self.auth.authenticate(token)
+
+    async def require_role(self, request: IRequest) -> auth.Identity:
+        ident = await self.identify(request)
+        if self.role not in ident.roles:
+            raise ApiError(403, f"the token lacks the {self.role} role")
+        return ident
+
+    def ok(self, request: IRequest, code: int, body: Any, headers: dict[str, str] | None = None) -> bytes:
+        self.bridge.metrics.requests.labels(_route(request), str(code)).inc()
+        return _json(request, code, body, headers)
+
+    def status_url(self, job_id: str) -> str:
+        base = self.bridge.config.public_url
+        return f"{base}/transferStatus?job_id={job_id}"
+
+    def job_answer(self, request: IRequest, job: Job, created: bool) -> bytes:
+        if job.status.value == "SUCCESS":
+            return self.ok(request, 201 if created else 200, job.result_body())
+        reason = job.reason or ("cancelled" if job.status.value == "CANCELLED" else None)
+        code = http_status_for(reason)
+        return self.ok(request, code, error_body(code, job.detailed_status or f"the job ended {job.status.value}",
+                                                 reason=reason, job_id=job.job_id, status=job.status.value))
+
+    # -- routes ----------------------------------------------------------
+
+    @app.route("/complete_transfer", methods=["POST"])
+    async def complete_transfer(self, request: IRequest) -> bytes:
+        ident = await self.require_role(request)
+        body = read_body(request)
+        user = text_field(body, "target_user", limit=100)
+        subdirectory = text_field(body, "subdirectory")
+        job, created = await self.bridge.submit(user, subdirectory, ident.user)
+        if job.status.value == "SUCCESS":
+            return self.job_answer(request, job, created=False)
+        if prefers_async(request):
+            return self.ok(request, 202, {"job_id": job.job_id, "status": job.status.value},
+                           {"Location": self.status_url(job.job_id), "Preference-Applied": "respond-async"})
+        job = await self.bridge.wait(job.job_id)
+        return self.job_answer(request, job, created)
+
+    @app.route("/transferStatus", methods=["GET"])
+    async def transfer_status(self, request: IRequest) -> bytes:
+        ident = await self.identify(request)
+        job_id = (request.args.get(b"job_id") or [b""])[0].decode("utf-8", "replace").strip()
+        if not job_id:
+            raise ApiError(400, "job_id is required")
+        job = await self.bridge.store.get_job(job_id) if _looks_like_id(job_id) else None
+        if self.role not in ident.roles and (job is None or job.target_user != ident.user):
+            if job is None:
+                raise ApiError(404, f"no job {job_id}")
+            raise ApiError(403, "only the target user or a transfer service may read this job")
+        if job is None:
+            raise ApiError(404, f"no job {job_id}")
+        return self.ok(request, 200, job.public())
+
+    @app.route("/submitTransfer", methods=["POST"])
+    async def submit_transfer(self, request: IRequest) -> bytes:
+        ident = await self.require_role(request)
+        body = read_body(request)
+        user = text_field(body, "target_user", limit=100)
+        subdirectory = text_field(body, "subdirectory")
+        timeout = body.get("staging_timeout")
+        if timeout is not None and timeout != "":
+            try:
+                if isinstance(timeout, bool):
+                    raise ValueError
+                timeout = float(timeout)
+                if timeout != timeout:  # NaN
+                    raise ValueError
+            except (TypeError, ValueError):
+                raise ApiError(400, "staging_timeout must be a number of seconds") from None
+        else:
+            timeout = None
+        job, code = await self.bridge.submit_staging(user, subdirectory, ident.user, timeout)
+        return self.ok(request, 202, {"job_id": job.job_id, "authcode": code, "error": False,
+                                      "status": job.status.value,
+                                      "msg": "registered; the stager reports with /doneStaging"},
+                       {"Location": self.status_url(job.job_id)})
+
+    @app.route("/doneStaging", methods=["POST"])
+    async def done_staging(self, request: IRequest) -> bytes:
+        body = read_body(request)
+        job_id = text_field(body, "job_id", limit=100)
+        code = text_field(body, "authcode", limit=200)
+        success = bool_field(body, "success")
+        path = text_field(body, "path", required=False)
+        staged_to = text_field(body, "staged_to", required=False)
+        msg = text_field(body, "msg", required=False, limit=8192)
+        job = await self.bridge.done_staging(job_id, code, success, path, staged_to, msg)
+        return self.ok(request, 200, {"job_id": job.job_id, "status": job.status.value, "error": False,
+                                      "msg": "accepted"})
+
+    @app.route("/cancelTransfer", methods=["POST"])
+    async def cancel_transfer(self, request: IRequest) -> bytes:
+        await self.require_role(request)
+        body = read_body(request)
+        job_id = text_field(body, "job_id", limit=100)
+        if not _looks_like_id(job_id):
+            raise ApiError(404, f"no job {job_id}")
+        job = await self.bridge.cancel(job_id)
+        return self.ok(request, 200, job.public())
+
+    @app.route("/jobs", methods=["GET"])
+    async def list_jobs(self, request: IRequest) -> bytes:
+        ident = await self.identify(request)
+        arg = lambda n: (request.args.get(n.encode()) or [b""])[0].decode("utf-8", "replace").strip() or None  # noqa: E731
+        user, status = arg("user"), arg("status")
+        try:
+            limit = max(1, min(1000, int(arg("limit") or 100)))
+        except ValueError:
+            raise ApiError(400, "limit must be a whole number") from None
+        if self.role not in ident.roles:
+            if user not in (None, ident.user):
+                raise ApiError(403, "you may list only your own jobs")
+            user = ident.user
+        if status is not None and status not in ("SUBMITTED", "STAGING", "TRANSFERRING", "SUCCESS", "ERROR", "CANCELLED"):
+            raise ApiError(400, "status must be one of SUBMITTED, STAGING, TRANSFERRING, SUCCESS, ERROR, CANCELLED")
+        jobs = await self.bridge.store.list_jobs(user=user, status=status, limit=limit)
+        return self.ok(request, 200, {"jobs": [j.public() for j in jobs]})
+
+    @app.route("/healthz", methods=["GET"])
+    async def healthz(self, request: IRequest) -> bytes:
+        problems = await self.health() if self.health else []
+        if problems:
+            return self.ok(request, 503, {"status": "unhealthy", "problems": problems})
+        return self.ok(request, 200, {"status": "ok"})
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
+        return self.bridge.metrics.render()
+
+    @app.route("/openapi.json", methods=["GET"])
+    def openapi_json(self, request: IRequest) -> bytes:
+        return self.ok(request, 200, self.openapi or {})
+
+
+def _route(request: IRequest) -> str:
+    path = request.path.decode("latin-1") if request.path else "/"
+    known = ("/complete_transfer", "/transferStatus", "/submitTransfer", "/doneStaging", "/cancelTransfer",
+             "/jobs", "/healthz", "/metrics", "/openapi.json")
+    return path if path in known else "other"
+

