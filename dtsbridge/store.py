@@ -37,6 +37,7 @@ from dtsbridge.model import Job
 
 # Reconnect quickly after a Redis restart (the library's default backs off to 10 s).
 txredisapi.RedisFactory.maxDelay = 2
+txredisapi.RedisFactory.initialDelay = 0.2
 
 
 class StoreUnavailable(Exception):
