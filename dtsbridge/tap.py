@@ -8,14 +8,20 @@
 4. the bridge (job claiming, leases, recovery, staging timeouts);
 5. the watcher of the DTS area (``[watch] enabled``).
 
-Services stop in reverse order, so on SIGTERM the watcher and the bridge stop
-first (new jobs get 503 while running copies finish within
-``[drain] grace_seconds``), then the web server, Redis and the pool.
+Services stop in reverse order, one after the other (:class:`SequentialMultiService`),
+so on SIGTERM the watcher and the bridge stop first (new jobs get 503 while
+running copies finish within ``[drain] grace_seconds``; the web server still
+listens meanwhile), then the web server, Redis and the pool.
+
+``[server] log_format = json`` replaces twistd's text log with one JSON object
+per line on standard output (:func:`json_log_observer`).
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import datetime
+import json
 import os
 import signal
 import sys
@@ -25,7 +31,7 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python import threadpool, usage
 from twisted.web.server import Site
 
@@ -57,6 +63,72 @@ class Options(usage.Options):
             raise SystemExit(2)
 
 
+class SequentialMultiService(service.MultiService):
+    """A MultiService that stops its children one at a time, last first.
+
+    Twisted's MultiService stops every child at once; dtsbridge needs order:
+    the bridge drains while the web server still answers (503 for new jobs)
+    and Redis still records results, and the thread pool stops last.
+    """
+
+    log_observer = None  # [server] log_format = json: see json_log_observer
+
+    def setServiceParent(self, parent):
+        r = super().setServiceParent(parent)
+        # twistd's AppLogger logs to the application's ILogObserver component when it has one.
+        if self.log_observer is not None and hasattr(parent, "setComponent"):
+            parent.setComponent(ILogObserver, self.log_observer)
+        return r
+
+    def stopService(self):
+        service.Service.stopService(self)
+        return ensureDeferred(self._stop_in_order())
+
+    async def _stop_in_order(self) -> None:
+        for child in reversed(list(self)):
+            try:
+                await defer.maybeDeferred(child.stopService)
+            except Exception:  # noqa: BLE001 - keep stopping the rest
+                log.failure("stopping {service} failed", service=child)
+
+
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def json_log_observer(out=None):
+    """An observer writing each event as one JSON line: time, level, namespace, text and its simple fields."""
+    out = out if out is not None else sys.stdout  # captured now: twistd redirects sys.stdout into the log later
+
+    def observe(event: dict) -> None:
+        record: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(event.get("log_time") or 0, datetime.timezone.utc)
+                    .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+            "level": getattr(event.get("log_level"), "name", "info"),
+            "namespace": event.get("log_namespace", "-"),
+            "text": formatEvent(event),
+        }
+        for k, v in event.items():
+            if k.startswith("log_") or k in record or k in ("message", "format", "isError", "time", "system"):
+                continue
+            if isinstance(v, _JSON_SCALARS):
+                record[k] = v
+        failure = event.get("log_failure")
+        if failure is not None:
+            try:
+                record["failure"] = failure.getTraceback()
+            except Exception:  # noqa: BLE001
+                record["failure"] = repr(failure)
+        try:
+            out.write(json.dumps(record, default=str) + "\n")
+            out.flush()
+        except Exception:  # noqa: BLE001 - a log line must never break the service
+            pass
+
+    import zope.interface
+    zope.interface.directlyProvides(observe, ILogObserver)
+    return observe
+
+
 class ThreadPoolService(service.Service):
     """Starts and stops the thread pool that runs all blocking work."""
 
@@ -68,10 +140,13 @@ class ThreadPoolService(service.Service):
         super().startService()
         self.pool.start()
 
-    def stopService(self) -> None:
+    def stopService(self):
         super().stopService()
-        self.pool.stop()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        # ThreadPool.stop() joins its threads: do it off the reactor thread.
+        from twisted.internet import reactor
+        from twisted.internet.threads import deferToThread
+        return deferToThread(self.pool.stop) if reactor.running else self.pool.stop()
 
 
 class BridgeService(service.Service):
@@ -160,7 +235,9 @@ def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
     cfg: configmod.Config = options.config
-    top = service.MultiService()
+    top = SequentialMultiService()
+    if cfg.log_format == "json":
+        top.log_observer = json_log_observer()
 
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=cfg.max_jobs + 4, name="dtsbridge-copy")
     executor = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
