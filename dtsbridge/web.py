@@ -216,7 +216,7 @@ class Api:
         subdirectory = text_field(body, "subdirectory")
         job, created = await self.bridge.submit(user, subdirectory, ident.user)
         if job.status.value == "SUCCESS":
-            return self.job_answer(request, job, created=False)
+            return self.job_answer(request, job, created)
         if prefers_async(request):
             return self.ok(request, 202, {"job_id": job.job_id, "status": job.status.value},
                            {"Location": self.status_url(job.job_id), "Preference-Applied": "respond-async"})
