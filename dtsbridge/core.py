@@ -95,8 +95,16 @@ class Bridge:
         self._claiming = False
         self._poll = None
         self._tick = None
-        self.metrics.add_gauge("dtsbridge_redis_errors_total_seen", "Redis errors and timeouts seen",
-                               lambda: self.store.errors)
+        # Cluster-wide counts, refreshed by tick() (never read from Redis at scrape time).
+        self.counts: dict[str, int] = {}
+        self.metrics.add_gauge("dtsbridge_jobs_queued", "Jobs waiting in the queue (all processes; as of the last tick)",
+                               lambda: self.counts["queued"])
+        self.metrics.add_gauge("dtsbridge_jobs_staging", "Jobs waiting for a stager (all processes; as of the last tick)",
+                               lambda: self.counts["staging"])
+        self.metrics.add_gauge("dtsbridge_jobs_active", "Jobs claimed by a worker (all processes; as of the last tick)",
+                               lambda: self.counts["active"])
+        self.metrics.add_counter("dtsbridge_redis_errors", "Redis errors and timeouts seen by this process",
+                                 lambda: self.store.errors)
 
     # -- lifecycle -------------------------------------------------------
 
@@ -170,11 +178,10 @@ class Bridge:
             "submitter": submitter,
             "kind": kind,
             "dest_parts": "/".join((user, *self.config.target_subdir)),
-            "time_submitted": now,
             "detailed_status": "queued" if status == Status.SUBMITTED else "waiting for the stager",
         }
-        if status == Status.STAGING:
-            fields["time_staging"] = now
+        # A time_<status> for each status entered: a staged job enters SUBMITTED only when staged.
+        fields["time_staging" if status == Status.STAGING else "time_submitted"] = now
         if source is not None:
             fields["source_rel"] = source.rel
         return fields
@@ -234,6 +241,7 @@ class Bridge:
         if stored is None or not hmac.compare_digest(stored, given):
             raise RequestError(403, "unknown job, wrong or used authcode, or the job is not waiting for staging")
         fields: dict[str, Any] = {"staged_to": staged_to, "stager_msg": msg, "stager_success": success}
+        folder_key = None
         if success:
             job = await self.store.get_job(job_id)
             assert job is not None
@@ -241,9 +249,10 @@ class Bridge:
             source = await self.resolve_for_staging(subdirectory)
             fields.update(source_rel=source.rel, stager_path=path,
                           detailed_status="staged; queued for copying")
+            folder_key = self.store.folder_key(job.target_user, source.rel)
         else:
             fields.update(detailed_status=f"the stager reported failure: {msg or 'no message'}")
-        r = await self.store.staged(job_id, given, success, now_iso(), fields)
+        r = await self.store.staged(job_id, given, success, now_iso(), fields, folder_key)
         if r != "OK":
             raise RequestError(403, "unknown job, wrong or used authcode, or the job is not waiting for staging")
         self.log.info("job {job_id} staged: success={success}", job_id=job_id, success=success)
@@ -285,14 +294,18 @@ class Bridge:
 
     async def wait(self, job_id: str) -> Job:
         """Wait until the job ends (here or in another process)."""
-        failures = 0
+        # Each failed read already took a full Redis timeout: give the caller its
+        # 503 after a bounded outage (the job itself carries on), not after minutes.
+        failing_since: float | None = None
         while True:
             try:
                 job = await self.store.get_job(job_id)
-                failures = 0
+                failing_since = None
             except StoreUnavailable:
-                failures += 1
-                if failures > 60:
+                now = time.monotonic()
+                if failing_since is None:
+                    failing_since = now
+                elif now - failing_since > 3 * self.config.redis_timeout:
                     raise
                 job = None
             if job is not None and job.final:
@@ -329,7 +342,8 @@ class Bridge:
                    and len(self.running) < self.config.max_jobs):
                 token = secrets.token_hex(8)
                 try:
-                    job_id = await self.store.claim(token, self.holder, self.config.lease_seconds, now_iso())
+                    job_id = await self.store.claim(token, self.holder, self.config.lease_seconds, now_iso(),
+                                                    self.config.max_jobs_per_user)
                 except StoreUnavailable:
                     return
                 if job_id is None:
@@ -475,6 +489,7 @@ class Bridge:
 
     async def tick(self) -> None:
         """Every second: renew leases and record progress, then recover lapsed jobs and staging timeouts."""
+        renewed = True
         for run in list(self.running.values()):
             fields = {"files_done": run.files_done, "bytes_done": run.bytes_done,
                       "files_total": run.files_total, "bytes_total": run.bytes_total,
@@ -482,6 +497,7 @@ class Bridge:
             try:
                 st = await self.store.heartbeat(run.job_id, run.token, self.config.lease_seconds, fields)
             except StoreUnavailable:
+                renewed = False
                 continue
             if st is None:
                 self.log.warn("job {job_id}: lease lost; stopping this copy", job_id=run.job_id)
@@ -489,6 +505,10 @@ class Bridge:
                 run.stop.set()
             elif st == "CANCELLED":
                 run.stop.set()
+        if not renewed:
+            # Redis was away: our own leases may have lapsed meanwhile. Renew them first (next
+            # tick) rather than let a recover that reaches Redis first requeue our running copies.
+            return
         try:
             requeued, ended = await self.store.recover("resumed after its worker was lost")
             for job_id in requeued:
@@ -501,6 +521,7 @@ class Bridge:
                 self.log.info("job {job_id}: staging timed out", job_id=job_id)
                 self.metrics.jobs_finished.labels("ERROR", errors.STAGING_TIMEOUT).inc()
                 self._notify(job_id)
+            self.counts = await self.store.counts()
         except StoreUnavailable:
             pass
         except Exception:  # noqa: BLE001

@@ -58,10 +58,10 @@ def time_field(status: Status | str) -> str:
 # Fields never shown by /transferStatus.
 SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "publish_dev", "publish_ino",
                            "folder_key", "dest_parts", "source_rel", "lease_host",
-                           "publish_files", "publish_bytes", "publishing"})
+                           "publish_files", "publish_bytes", "publishing", "active_user"})
 INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
                         "manifest_resources", "manifest_size_only", "attempts"})
-BOOL_FIELDS = frozenset({"stager_success", "async"})
+BOOL_FIELDS = frozenset({"stager_success", "async", "source_deleted"})
 
 
 @attrs.define

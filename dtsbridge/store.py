@@ -7,6 +7,8 @@ Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
 - ``P:queue``         list: jobs waiting for a worker (LPUSH new, RPOP to claim)
 - ``P:active``        sorted set: claimed jobs by lease deadline (ms, Redis clock)
 - ``P:staging``       sorted set: jobs in STAGING by staging deadline (ms)
+- ``P:user_active``   hash: target user -> number of their claimed (running) jobs,
+  for ``[copy] max_jobs_per_user``
 - ``P:folder:<user>:<folder>``  string: the job that owns "copy this folder for
   this user"; a repeat of the request finds it here
 - ``P:watched:<folder>``  string: the watcher has taken this folder (SET NX)
@@ -74,22 +76,71 @@ end
 return {1, id}
 """
 
-# ARGV: prefix, token, holder, lease_ms, iso_now ; returns job_id or false
-_CLAIM = _NOW + """
-local P, token, holder, lease, iso = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
-while true do
-  local id = redis.call('RPOP', P .. ':queue')
-  if not id then return false end
-  local key = P .. ':job:' .. id
-  local st = redis.call('HGET', key, 'status')
-  if st == 'SUBMITTED' or st == 'TRANSFERRING' then
-    redis.call('ZADD', P .. ':active', now + lease, id)
-    redis.call('HSET', key, 'claim', token, 'lease_host', holder, 'status', 'TRANSFERRING')
-    redis.call('HSETNX', key, 'time_transferring', iso)
-    redis.call('HINCRBY', key, 'attempts', 1)
-    return id
+# Per-user running jobs: ``P:user_active`` maps a target user to the number of
+# their jobs that hold a claim. A claim counts its job once (the job's
+# ``active_user`` field says it is counted); every script that drops a claim
+# (finish, release, recover) uncounts it through _UNCOUNT.
+_UNCOUNT = """
+local function uncount(P, key)
+  local u = redis.call('HGET', key, 'active_user')
+  if u then
+    redis.call('HDEL', key, 'active_user')
+    if redis.call('HINCRBY', P .. ':user_active', u, -1) <= 0 then
+      redis.call('HDEL', P .. ':user_active', u)
+    end
   end
 end
+"""
+
+# ARGV: prefix, token, holder, lease_ms, iso_now, per_user_limit (0: none), max_scan ;
+# returns job_id or false. The oldest job (the tail of the queue) whose user is
+# below the limit is taken; jobs of users at their limit stay queued in order.
+_CLAIM = _NOW + _UNCOUNT + """
+local P, token, holder, lease, iso = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local limit, max_scan = tonumber(ARGV[6] or '0'), tonumber(ARGV[7] or '1000')
+local q = P .. ':queue'
+local function take(id, key)
+  redis.call('ZADD', P .. ':active', now + lease, id)
+  redis.call('HSET', key, 'claim', token, 'lease_host', holder, 'status', 'TRANSFERRING')
+  redis.call('HSETNX', key, 'time_transferring', iso)
+  redis.call('HINCRBY', key, 'attempts', 1)
+  local u = redis.call('HGET', key, 'target_user') or ''
+  if not redis.call('HGET', key, 'active_user') then
+    redis.call('HSET', key, 'active_user', u)
+    redis.call('HINCRBY', P .. ':user_active', u, 1)
+  end
+  return id
+end
+if limit <= 0 then
+  while true do
+    local id = redis.call('RPOP', q)
+    if not id then return false end
+    local key = P .. ':job:' .. id
+    local st = redis.call('HGET', key, 'status')
+    if st == 'SUBMITTED' or st == 'TRANSFERRING' then return take(id, key) end
+  end
+end
+local i = -1
+local scanned = 0
+while scanned < max_scan do
+  local id = redis.call('LINDEX', q, i)
+  if not id then return false end
+  scanned = scanned + 1
+  local key = P .. ':job:' .. id
+  local st = redis.call('HGET', key, 'status')
+  if st ~= 'SUBMITTED' and st ~= 'TRANSFERRING' then
+    -- a stale entry (cancelled, ended or gone): drop it; index i now holds the next one
+    redis.call('LREM', q, -1, id)
+  else
+    local u = redis.call('HGET', key, 'target_user') or ''
+    if tonumber(redis.call('HGET', P .. ':user_active', u) or '0') < limit then
+      redis.call('LREM', q, -1, id)
+      return take(id, key)
+    end
+    i = i - 1
+  end
+end
+return false
 """
 
 # ARGV: prefix, id, token, lease_ms, field, value, ... ; returns status, or false when the claim is lost
@@ -98,10 +149,14 @@ local P, id, token, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return false end
 redis.call('ZADD', P .. ':active', 'XX', now + lease, id)
-for i = 5, #ARGV, 2 do
-  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+local st = redis.call('HGET', key, 'status')
+-- progress only while copying: a cancelled job keeps what its cancel recorded
+if st == 'TRANSFERRING' then
+  for i = 5, #ARGV, 2 do
+    redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+  end
 end
-return redis.call('HGET', key, 'status')
+return st
 """
 
 # ARGV: prefix, id, token, field, value, ... ; 1 when the claim holds and the job may publish
@@ -118,11 +173,12 @@ return 1
 """
 
 # ARGV: prefix, id, token, status, iso_now, field, value, ... ; returns the status the job ends in, or false
-_FINISH = """
+_FINISH = _UNCOUNT + """
 local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return false end
 redis.call('ZREM', P .. ':active', id)
+uncount(P, key)
 redis.call('HDEL', key, 'claim', 'publishing')
 local st = redis.call('HGET', key, 'status')
 if st == 'SUCCESS' or st == 'ERROR' or st == 'CANCELLED' then return st end
@@ -134,11 +190,12 @@ return status
 """
 
 # ARGV: prefix, id, token, detail ; hand a claimed job back to the front of the queue
-_RELEASE = """
+_RELEASE = _UNCOUNT + """
 local P, id, token, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return 0 end
 redis.call('ZREM', P .. ':active', id)
+uncount(P, key)
 redis.call('HDEL', key, 'claim', 'publishing')
 local st = redis.call('HGET', key, 'status')
 if st == 'TRANSFERRING' or st == 'SUBMITTED' then
@@ -150,7 +207,7 @@ return 1
 
 # ARGV: prefix, detail[, id, token] ; requeue jobs whose lease lapsed (or one given job
 # whose holder is known dead); returns {requeued..., '|', ended...}
-_RECOVER = _NOW + """
+_RECOVER = _NOW + _UNCOUNT + """
 local P, detail = ARGV[1], ARGV[2]
 local ids
 if ARGV[3] then
@@ -164,6 +221,7 @@ for _, id in ipairs(ids) do
   local key = P .. ':job:' .. id
   redis.call('ZREM', P .. ':active', id)
   redis.call('HDEL', key, 'claim')
+  uncount(P, key)
   local st = redis.call('HGET', key, 'status')
   if st == 'TRANSFERRING' or st == 'SUBMITTED' then
     redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
@@ -196,7 +254,9 @@ if redis.call('HEXISTS', key, 'claim') == 0 then redis.call('ZREM', P .. ':activ
 return 'OK'
 """
 
-# ARGV: prefix, id, code_hash, success(0/1), iso_now, field, value, ...
+# KEYS: folder key or '' ; ARGV: prefix, id, code_hash, success(0/1), iso_now, field, value, ...
+# A staged job takes the folder key (unless a live job already owns it), so a later
+# /complete_transfer for the same user and folder is a repeat of it.
 _STAGED = """
 local P, id, code, success, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
@@ -212,7 +272,15 @@ for i = 6, #ARGV, 2 do
 end
 if success == '1' then
   redis.call('HSET', key, 'status', 'SUBMITTED', 'time_staged', iso)
+  redis.call('HSETNX', key, 'time_submitted', iso)
   redis.call('LPUSH', P .. ':queue', id)
+  if KEYS[1] ~= '' then
+    local owner = redis.call('GET', KEYS[1])
+    local ost = owner and redis.call('HGET', P .. ':job:' .. owner, 'status')
+    if (not ost) or ost == 'ERROR' or ost == 'CANCELLED' then
+      redis.call('SET', KEYS[1], id)
+    end
+  end
 else
   redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_failed')
 end
@@ -396,8 +464,11 @@ class Store:
     async def add_staging(self, job_id: str, timeout_s: float) -> None:
         await self._eval(_ADD_STAGING, [], [job_id, str(int(timeout_s * 1000))])
 
-    async def claim(self, token: str, holder: str, lease_s: float, iso_now: str) -> str | None:
-        r = await self._eval(_CLAIM, [], [token, holder, str(int(lease_s * 1000)), iso_now])
+    async def claim(self, token: str, holder: str, lease_s: float, iso_now: str,
+                    per_user_limit: int | None = None) -> str | None:
+        """Claim the oldest queued job whose target user runs fewer than ``per_user_limit`` jobs."""
+        r = await self._eval(_CLAIM, [], [token, holder, str(int(lease_s * 1000)), iso_now,
+                                          str(per_user_limit or 0), "1000"])
         return r or None
 
     async def heartbeat(self, job_id: str, token: str, lease_s: float, fields: dict[str, Any]) -> str | None:
@@ -426,8 +497,10 @@ class Store:
     async def cancel(self, job_id: str, iso_now: str, detail: str) -> str:
         return await self._eval(_CANCEL, [], [job_id, iso_now, detail])
 
-    async def staged(self, job_id: str, code_hash: str, success: bool, iso_now: str, fields: dict[str, Any]) -> str:
-        return await self._eval(_STAGED, [], [job_id, code_hash, "1" if success else "0", iso_now, *_flat(fields)])
+    async def staged(self, job_id: str, code_hash: str, success: bool, iso_now: str, fields: dict[str, Any],
+                     folder_key: str | None = None) -> str:
+        return await self._eval(_STAGED, [folder_key or ""],
+                                [job_id, code_hash, "1" if success else "0", iso_now, *_flat(fields)])
 
     async def sweep_staging(self, iso_now: str) -> list[str]:
         return list(await self._eval(_SWEEP_STAGING, [], [iso_now]) or [])
@@ -436,6 +509,10 @@ class Store:
         """Take a folder for the watcher; True only for the first process to ask."""
         r = await self._call(self.redis.set(self._key("watched", source_rel), job_id, only_if_not_exists=True))
         return r not in (None, False)
+
+    async def unmark_watched(self, source_rel: str) -> None:
+        """Give a folder back to the watchers (its job could not be created)."""
+        await self._call(self.redis.delete(self._key("watched", source_rel)))
 
     async def is_watched(self, source_rel: str) -> bool:
         return bool(await self._call(self.redis.exists(self._key("watched", source_rel))))

@@ -204,6 +204,26 @@ def test_submit_and_done_staging_success(bridges, redis_proc) -> None:
         assert code not in log
 
 
+def test_staged_job_owns_its_folder(bridges) -> None:
+    """A folder completed through the stager is not copied again by a later /complete_transfer."""
+    b = bridges()
+    src = make_tree(b.dts_root / "staged-once", payload("once"))
+    r = submit(b, "alice", "staged-once")
+    assert r.status == 202, r
+    jid, code = r.json()["job_id"], r.json()["authcode"]
+    s = job(b, jid)
+    assert "time_submitted" not in s, s  # a staging job has not entered SUBMITTED yet
+    assert done(b, jid, code, True).status == 200
+    s = b.wait_status(jid, {"SUCCESS", "ERROR"}, timeout=60)
+    assert s["status"] == "SUCCESS", s
+    assert_times(s, "STAGING", "SUBMITTED", "TRANSFERRING", "SUCCESS")
+    again = b.complete("alice", "staged-once")
+    assert again.status == 200, again
+    assert again.json()["job_id"] == jid
+    assert sorted(p.name for p in (b.user_root / "alice").iterdir()) == ["staged-once"]
+    assert tree_of(b.user_root / "alice" / "staged-once") == tree_of(src)
+
+
 def test_done_staging_failure_and_refusals(bridges) -> None:
     b = bridges()
     make_tree(b.dts_root / "ok", payload("ok"))
