@@ -96,7 +96,7 @@ class Bridge:
         self._poll = None
         self._tick = None
         # Cluster-wide counts, refreshed by tick() (never read from Redis at scrape time).
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int] = {"queued": 0, "staging": 0, "active": 0}
         self.metrics.add_gauge("dtsbridge_jobs_queued", "Jobs waiting in the queue (all processes; as of the last tick)",
                                lambda: self.counts["queued"])
         self.metrics.add_gauge("dtsbridge_jobs_staging", "Jobs waiting for a stager (all processes; as of the last tick)",
@@ -418,11 +418,14 @@ class Bridge:
                     await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
                     self.log.info("job {job_id}: found its folder {name} published before a crash",
                                   job_id=job.job_id, name=name)
+                    files = int(job.extra.get("publish_files") or job.files_total or 0)
+                    nbytes = int(job.extra.get("publish_bytes") or job.bytes_total or 0)
                     return "SUCCESS", {
                         "path": user_path(job.target_user, cfg.target_subdir, name),
-                        "files_done": job.extra.get("publish_files") or job.files_total or 0,
-                        "bytes_done": job.extra.get("publish_bytes") or job.bytes_total or 0,
+                        "files_total": files, "files_done": files, "bytes_total": nbytes, "bytes_done": nbytes,
                         "detailed_status": f"published {name} (recovered after a restart)"}
+                await self._retrying("clearing a dead attempt's publish record", job.job_id,
+                                     lambda: self.store.unfence(job.job_id, run.token))
             await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
             uid, gid = await self.run_in_thread(self._ownership, job.target_user)
             options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,

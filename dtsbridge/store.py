@@ -172,6 +172,14 @@ redis.call('HSET', key, 'publishing', token)
 return 1
 """
 
+# ARGV: prefix, id, token ; a new attempt found no folder published by a dead one: cancellable again
+_UNFENCE = """
+local key = ARGV[1] .. ':job:' .. ARGV[2]
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+redis.call('HDEL', key, 'publishing', 'publish_tmp', 'publish_dev', 'publish_ino')
+return 1
+"""
+
 # ARGV: prefix, id, token, status, iso_now, field, value, ... ; returns the status the job ends in, or false
 _FINISH = _UNCOUNT + """
 local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -478,6 +486,10 @@ class Store:
 
     async def fence(self, job_id: str, token: str, fields: dict[str, Any]) -> bool:
         return bool(await self._eval(_FENCE, [], [job_id, token, *_flat(fields)]))
+
+    async def unfence(self, job_id: str, token: str) -> bool:
+        """Forget a dead attempt's publish record once it is known not to have published."""
+        return bool(await self._eval(_UNFENCE, [], [job_id, token]))
 
     async def finish(self, job_id: str, token: str, status: str, iso_now: str, fields: dict[str, Any]) -> str | None:
         """Record the final state if the claim still holds; the status the job ended in, or None."""

@@ -93,6 +93,7 @@ class DtsBridge:
         self.config_path = self.etc / "dtsbridge.ini"
         self.log_path = self.root / f"{name}.log"
         self.proc: subprocess.Popen | None = None
+        self.extra_env: dict[str, str] = {}  # added to the process environment by env() (e.g. fault hooks)
         self.write_config()
 
     # -- process ---------------------------------------------------------
@@ -113,6 +114,7 @@ class DtsBridge:
         env = {k: v for k, v in os.environ.items() if not k.startswith("DTSBRIDGE_")}
         env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         env["PYTHONUNBUFFERED"] = "1"
+        env.update(self.extra_env)
         return env
 
     def start(self, wait: bool = True, timeout: float = 30, prefix: list[str] | None = None) -> "DtsBridge":
