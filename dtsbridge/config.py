@@ -43,6 +43,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
     "ownership": {"mode": "none", "uid": "", "gid": ""},
     "copy": {
         "threads": "4",
+        "processes": "auto",
         "max_jobs": "4",
         "max_payload_gb": "",
         "checksum": "xxh3",
@@ -87,6 +88,7 @@ class Config:
     uid: int | None
     gid: int | None
     threads: int
+    processes: int
     max_jobs: int
     max_payload_bytes: int | None
     checksum: str
@@ -121,6 +123,13 @@ def _number(section: str, key: str, value: str, kind=int, minimum: float = 0, op
     if n < minimum:
         raise ConfigError(f"[{section}] {key}: must be at least {minimum}, got {value!r}")
     return n
+
+
+def _processes(value: str) -> int:
+    """``[copy] processes``: ``auto`` (one per CPU, at most 8), or a count (0: threads only)."""
+    if value.strip().lower() == "auto":
+        return max(1, min(8, os.cpu_count() or 1))
+    return _number("copy", "processes", value, minimum=0)
 
 
 def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> str:
@@ -249,6 +258,7 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         uid=uid,
         gid=gid,
         threads=_number("copy", "threads", v["copy"]["threads"], minimum=1),
+        processes=_processes(v["copy"]["processes"]),
         max_jobs=_number("copy", "max_jobs", v["copy"]["max_jobs"], minimum=1),
         max_payload_bytes=None if gb is None else int(gb * 1024**3),
         checksum=_choice("copy", "checksum", v["copy"]["checksum"], CHECKSUMS),

@@ -429,7 +429,8 @@ class Bridge:
             await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
             uid, gid = await self.run_in_thread(self._ownership, job.target_user)
             options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,
-                                         max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads)
+                                         max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads,
+                                         processes=cfg.processes)
             phase_started = [time.monotonic()]
 
             def on_plan(plan) -> None:

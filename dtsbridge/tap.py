@@ -143,10 +143,18 @@ class ThreadPoolService(service.Service):
     def stopService(self):
         super().stopService()
         self.executor.shutdown(wait=False, cancel_futures=True)
+        from dtsbridge.engine import shutdown_workers
+
+        def stop() -> None:
+            # The copy worker processes, if any were started: joined, so their queues
+            # are released before exit (else multiprocessing warns of leaked semaphores).
+            shutdown_workers(wait=True)
+            self.pool.stop()
+
         # ThreadPool.stop() joins its threads: do it off the reactor thread.
         from twisted.internet import reactor
         from twisted.internet.threads import deferToThread
-        return deferToThread(self.pool.stop) if reactor.running else self.pool.stop()
+        return deferToThread(stop) if reactor.running else stop()
 
 
 class BridgeService(service.Service):
