@@ -178,6 +178,8 @@ class WatchService(Service):
             self.log.info("watcher: {folder} for {user} is job {job_id}", folder=rel, user=user, job_id=job.job_id)
         except RequestError as e:
             job_id = await self.record_failure(rel, user or "", e)
+            self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
+                          msg=e.message, job_id=job_id)
         except BaseException:
             # Not a refusal (Redis away, shutting down): let a later pass, here or elsewhere, try again.
             try:
@@ -185,8 +187,6 @@ class WatchService(Service):
             except StoreUnavailable:
                 pass
             raise
-            self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
-                          msg=e.message, job_id=job_id)
         return True
 
     async def record_failure(self, rel: str, user: str, e: RequestError) -> str:

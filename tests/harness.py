@@ -19,7 +19,7 @@ import sys
 import time
 import urllib.parse
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -232,6 +232,19 @@ class DtsBridge:
                 last = e
             time.sleep(0.1)
         raise AssertionError(f"job {job_id} not in {want} after {timeout} s: {last}\n{self.log_tail()}")
+
+
+def wait_until(cond: Callable[[], Any], timeout: float, what: str, diag: Callable[[], str] = lambda: "",
+               interval: float = 0.05) -> Any:
+    """Poll ``cond`` until it is true (returning its value); fail with ``what`` and ``diag()`` after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{diag()}")
+        time.sleep(interval)
 
 
 def make_tree(root: Path, spec: dict[str, bytes | dict | None]) -> Path:

@@ -22,7 +22,7 @@ import subprocess
 import time
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import pytest
 import pytest_twisted
@@ -30,8 +30,8 @@ from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
 from dtsbridge.store import Store, connect
-from tests.harness import DtsBridge, leftovers, make_tree, tree_of
-from tests.redis_fixture import RedisProcess, redis_proc, start_private_redis  # noqa: F401
+from tests.harness import DtsBridge, leftovers, make_tree, tree_of, wait_until
+from tests.redis_fixture import RedisProcess, start_private_redis
 
 STRACE = shutil.which("strace") or "/usr/bin/strace"
 FAULT = "DTSBRIDGE_FAULT_PAUSE"
@@ -59,16 +59,6 @@ def payload(seed: int, big: int = 3 * 1024 * 1024 + 123) -> dict[str, Any]:
         "empty.dat": b"",
         "sub": {"a.csv": rnd(70_000), "deeper": {"b.json": b'{"seed": %d}' % seed}},
     }
-
-
-def wait_until(cond: Callable[[], Any], timeout: float, what: str, diag: Callable[[], str] = lambda: "") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{diag()}")
 
 
 def wait_log(svc: DtsBridge, text: str, since: int = 0, count: int = 1, timeout: float = 60) -> None:

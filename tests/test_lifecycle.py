@@ -17,7 +17,7 @@ import time
 import urllib.parse
 import uuid
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import pytest
 
@@ -30,6 +30,7 @@ from tests.harness import (
     leftovers,
     make_tree,
     tree_of,
+    wait_until,
 )
 
 pytestmark = pytest.mark.timeout(120)
@@ -41,32 +42,13 @@ PREFIX = "dtsbridge"  # [redis] key_prefix default
 
 
 @pytest.fixture
-def bridges(tmp_path: Path, redis_proc) -> Iterator[Callable[..., DtsBridge]]:
-    """Start dtsbridge processes on the test's private Redis; all are killed afterwards."""
-    made: list[DtsBridge] = []
-
-    def make(settings: dict[str, dict[str, Any]] | None = None, name: str = "svc",
-             shared_from: DtsBridge | None = None, start: bool = True) -> DtsBridge:
-        b = DtsBridge(tmp_path, redis_proc.url, settings=settings, name=name, shared_from=shared_from)
-        made.append(b)
-        if start:
-            b.start()
-        return b
-
-    yield make
-    for b in made:
-        b.kill()
+def bridges(services) -> Callable[..., DtsBridge]:
+    """dtsbridge processes on the test's private Redis (the shared ``services`` fixture)."""
+    return services
 
 
 def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        v = cond()
-        if v:
-            return v
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true after {timeout} s: {what}")
-        time.sleep(interval)
+    return wait_until(cond, timeout, what, interval=interval)
 
 
 def submit(b: DtsBridge, user: str, sub: str, form: bool = False, token: str = DTS_TOKEN,
@@ -646,3 +628,36 @@ def test_watch_settling_and_bad_manifest(bridges) -> None:
     for r_ in (rel, bad_rel, missing_rel, good_rel, top_rel, empty_rel):
         assert len(jobs_for(b, "alice", r_)) == 1, r_
     assert leftovers(b.user_root) == []
+
+
+def test_watch_records_refused_folders(bridges) -> None:
+    """A manifest naming no user, or a user that does not exist, fails its own job; nothing is copied."""
+    b = bridges(WATCH)
+    nouser_rel = f"dts-{uuid.uuid4()}"
+    nouser = make_tree(b.dts_root / nouser_rel, {"a.txt": b"a\n"})
+    m = json.loads(manifest_for(nouser, "alice", "t"))
+    del m["username"]
+    (nouser / "manifest.json").write_text(json.dumps(m))
+    ghost_rel = f"dts-{uuid.uuid4()}"
+    ghost = make_tree(b.dts_root / ghost_rel, {"b.txt": b"b\n"})
+    (ghost / "manifest.json").write_bytes(manifest_for(ghost, "nosuchuser", "t"))
+
+    def failed() -> dict[str, dict[str, Any]]:
+        r = b.call("GET", "/jobs?status=ERROR", token=DTS_TOKEN)
+        assert r.status == 200, r
+        return {j["subdirectory"]: j for j in r.json()["jobs"] if j["subdirectory"] in (nouser_rel, ghost_rel)}
+
+    found = wait_for(lambda: (lambda f: f if len(f) == 2 else None)(failed()), 60, "two refused watcher jobs", 0.2)
+    assert found[nouser_rel]["reason"] == "manifest_mismatch", found
+    assert found[ghost_rel]["reason"] == "user_not_found", found
+    assert found[ghost_rel]["target_user"] == "nosuchuser"
+    for j in found.values():
+        assert j["detailed_status"] and j["submitter"] == "watcher"
+        assert_times(j, "ERROR")
+    assert "watcher:" in b.log_text() and "cannot be completed" in b.log_text()
+    assert not (b.user_root / "nosuchuser").exists()
+    assert sorted(p.name for p in (b.user_root / "alice").iterdir()) == []
+    # the watcher goes on with good folders
+    good_rel, good = dts_transfer(b.dts_root)
+    s = watched_job(b, good_rel, {"SUCCESS", "ERROR"})
+    assert s["status"] == "SUCCESS", s

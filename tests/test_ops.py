@@ -36,25 +36,6 @@ pytestmark = pytest.mark.timeout(120)
 # helpers
 
 
-@pytest.fixture
-def services(tmp_path, redis_proc):
-    """``make(settings, name=..., env=..., start=True)`` -> a DtsBridge on the test's Redis; all killed at the end."""
-    made: list[DtsBridge] = []
-
-    def make(settings: dict | None = None, name: str = "svc", env: dict[str, str] | None = None,
-             start: bool = True, shared_from: DtsBridge | None = None) -> DtsBridge:
-        b = DtsBridge(tmp_path, redis_proc.url, settings=settings, name=name, shared_from=shared_from)
-        b.extra_env.update(env or {})
-        made.append(b)
-        if start:
-            b.start()
-        return b
-
-    yield make
-    for b in made:
-        b.kill()
-
-
 def metrics(b: DtsBridge) -> dict[tuple[str, tuple], float]:
     r = b.call("GET", "/metrics")
     assert r.status == 200, r
