@@ -354,6 +354,24 @@ def test_target_subdir(service) -> None:
     assert leftovers(s.user_root) == [] and leftovers(elsewhere) == []
 
 
+def test_delete_source_after_success_only(service) -> None:
+    s = service({"paths": {"delete_source": "true"}})
+    name, src = new_source(s)
+    expected = tree_of(src)
+    r = s.complete("alice", name)
+    assert r.status == 201, r
+    assert tree_of(s.user_root / "alice" / name) == expected
+    assert not src.exists(), "the DTS folder should be gone after a verified copy"
+    assert s.status(r.json()["job_id"]).json().get("source_deleted") is True
+    # a failed copy (bad manifest) leaves the source where it was
+    bad, bad_src = new_source(s)
+    (bad_src / "manifest.json").write_bytes(b"{not json")
+    r = s.complete("alice", bad)
+    assert r.status == 500, r
+    assert bad_src.is_dir() and (bad_src / "manifest.json").exists()
+    assert leftovers(s.user_root) == []
+
+
 # -- 400 -----------------------------------------------------------------------
 
 
