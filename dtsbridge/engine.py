@@ -49,7 +49,6 @@ import multiprocessing
 import os
 import re
 import select
-import shutil
 import signal
 import stat
 import sys
@@ -366,6 +365,10 @@ def open_beneath(dirfd: int, relpath: str, flags: int, mode: int = 0) -> int:
     global USE_OPENAT2
     if "\0" in relpath:
         raise _os_error(errno.EINVAL, relpath)
+    try:
+        os.fsencode(relpath)
+    except UnicodeEncodeError:  # e.g. a lone surrogate from JSON: no file can have this name
+        raise _os_error(errno.ENOENT, relpath) from None
     if relpath.startswith("/") or ".." in relpath.split("/"):
         raise _os_error(errno.EXDEV, relpath)
     parts = _split_parts(relpath)
@@ -422,7 +425,7 @@ def _abs_parts(path: str) -> list[str]:
 def _source_error(exc: OSError, rel: str) -> TransferError:
     if exc.errno in (errno.ELOOP, errno.EXDEV):
         return TransferError(OUTSIDE_DTS_AREA, f"{rel!r} goes through a symbolic link or leaves the DTS area")
-    if exc.errno in (errno.ENOENT, errno.ENOTDIR):
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ENAMETOOLONG):  # too long a name cannot exist
         return TransferError(SOURCE_NOT_FOUND, f"{rel!r} does not exist or is not a folder")
     return TransferError(_reason_for(exc), f"cannot open {rel!r}: {exc.strerror}")
 
@@ -548,15 +551,128 @@ def _open_parent_or_none(user_root: str, dest_parts: list[str]) -> int | None:
         return None
 
 
-def _rmtree_at(parentfd: int, name: str) -> bool:
-    """Remove folder ``name`` in ``parentfd`` without following links; False if absent."""
+#: Folders nested deeper than this below the one being emptied are moved up into it
+#: (renamed) rather than entered, so a removal holds at most this many descriptors.
+RMTREE_MAX_DEPTH = 64
+_RM_DIR_FLAGS = _DIR_FLAGS | os.O_NONBLOCK
+
+
+def _open_subdir(dirfd: int, name: str, dev: int) -> int | None:
+    """Open folder ``name`` of ``dirfd`` for removal; None when it is gone or is not a folder (any more).
+
+    O_DIRECTORY|O_NOFOLLOW|O_NONBLOCK: a link, FIFO or device swapped in for the
+    folder fails with ENOTDIR/ELOOP here instead of being followed or opened.
+    """
     try:
-        st = os.stat(name, dir_fd=parentfd, follow_symlinks=False)
+        fd = os.open(name, _RM_DIR_FLAGS, dir_fd=dirfd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+            return None
+        raise
+    if os.fstat(fd).st_dev != dev:  # a mount point: never descend into another filesystem
+        os.close(fd)
+        raise _os_error(errno.EXDEV, name)
+    return fd
+
+
+def _unlink_entry(dirfd: int, name: str) -> None:
+    try:
+        os.unlink(name, dir_fd=dirfd)
     except FileNotFoundError:
+        pass
+
+
+def _empty_dir(topfd: int) -> None:
+    """Remove everything inside the folder ``topfd``, never following a link nor opening a non-folder.
+
+    Replaces ``shutil.rmtree``, which (Python 3.11) opens each sub-folder with a
+    plain ``O_RDONLY`` after a separate stat: whoever can write in the tree (the
+    user, once the temp folder is theirs or for a look-alike they made; the DTS
+    account for ``remove_source``) could swap a folder for a link in between and
+    have root open what it points to (a FIFO blocks the thread for ever, a
+    device is opened with its side effects); and it recursed once per level, so
+    a deep tree raised RecursionError (not a TransferError) with descriptors
+    leaked and the folder left behind.  Here the walk is iterative, every
+    folder is opened by :func:`_open_subdir` relative to its parent's
+    descriptor, and folders deeper than :data:`RMTREE_MAX_DEPTH` are renamed up
+    into ``topfd`` (RENAME_NOREPLACE, same tree) and emptied from there.
+    """
+    dev = os.fstat(topfd).st_dev
+    queue: list[str | None] = [None]  # None: topfd itself; a name: a folder moved up into topfd
+    moved = 0
+    while queue:
+        item = queue.pop()
+        if item is None:
+            start: int | None = os.dup(topfd)
+        else:
+            start = _open_subdir(topfd, item, dev)
+            if start is None:
+                _unlink_entry(topfd, item)
+                continue
+        # Frames: (descriptor, names left, name in the parent frame).
+        stack: list[tuple[int, list[str], str | None]] = []
+        try:
+            stack.append((start, os.listdir(start), item))
+            while stack:
+                fd, names, here = stack[-1]
+                if not names:
+                    stack.pop()
+                    os.close(fd)
+                    if stack and here is not None:
+                        os.rmdir(here, dir_fd=stack[-1][0])  # only ever removes an empty folder
+                    continue
+                name = names.pop()
+                try:
+                    st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    _unlink_entry(fd, name)
+                    continue
+                if len(stack) >= RMTREE_MAX_DEPTH:
+                    while True:
+                        up = f".dtsbridge-rm-{moved}"
+                        moved += 1
+                        try:
+                            _renameat2(fd, name, topfd, up, RENAME_NOREPLACE)
+                            break
+                        except OSError as exc:
+                            if exc.errno != errno.EEXIST or moved > MAX_NAME_TRIES:
+                                raise
+                    queue.append(up)
+                    continue
+                sub = _open_subdir(fd, name, dev)
+                if sub is None:  # no longer a folder: a link/FIFO/file now, removed as one
+                    _unlink_entry(fd, name)
+                    continue
+                try:
+                    listing = os.listdir(sub)
+                except BaseException:
+                    os.close(sub)
+                    raise
+                stack.append((sub, listing, name))
+        finally:
+            for fd, _, _ in stack:
+                _close(fd)
+        if item is not None:
+            os.rmdir(item, dir_fd=topfd)
+
+
+def _rmtree_at(parentfd: int, name: str, expect: tuple[int, int] | None = None) -> bool:
+    """Remove folder ``name`` in ``parentfd`` without following links; False if absent or not a folder.
+
+    With ``expect`` (device, inode) only that very folder is removed.
+    """
+    dev = os.fstat(parentfd).st_dev
+    fd = _open_subdir(parentfd, name, dev)
+    if fd is None:
         return False
-    if not stat.S_ISDIR(st.st_mode):
-        return False
-    shutil.rmtree(name, dir_fd=parentfd)
+    with _fd(fd):
+        st = os.fstat(fd)
+        if expect is not None and (st.st_dev, st.st_ino) != expect:
+            return False
+        _empty_dir(fd)
+    os.rmdir(name, dir_fd=parentfd)  # only ever removes an empty folder
     return True
 
 
@@ -745,12 +861,20 @@ def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
         data = b"".join(chunks)
     if len(data) > MANIFEST_MAX_BYTES:
         raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
+    # A parse bomb ("[[],[],…": one container every 3 bytes) costs ~30x its size in
+    # memory and holds the GIL while it parses. A real manifest has an object or two
+    # per resource of a few hundred bytes: refuse anything denser than 1 per 16 bytes.
+    containers = data.count(b"[") + data.count(b"{")
+    if containers > len(data) // 16 + 10_000:
+        raise _bad_manifest(f"holds {containers} JSON objects and lists in {len(data)} bytes; not a manifest")
     if not data:
         return Manifest(resources=0, size_only=0, hashes={})
     try:
         doc = json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise _bad_manifest(f"not valid JSON ({exc})") from None
+    except RecursionError:  # "[[[[…" nested past the interpreter's limit: not a manifest
+        raise _bad_manifest("nested too deeply") from None
     if not isinstance(doc, dict):
         raise _bad_manifest("not a JSON object")
     resources = doc.get("resources")
@@ -1408,10 +1532,12 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
         final = _publish(parentfd, tmpname, tmp_id, name)
         _fault_point("published")
     except BaseException as exc:
-        if parentfd is not None and tmp_id is not None:
-            _remove_temp(parentfd, tmpname, tmp_id)
-        for fd in (tmpfd, parentfd, srcfd, rootfd):
-            _close(fd)
+        try:
+            if parentfd is not None and tmp_id is not None:
+                _remove_temp(parentfd, tmpname, tmp_id, tmpfd)
+        finally:  # never leak the descriptors, whatever the removal raised
+            for fd in (tmpfd, parentfd, srcfd, rootfd):
+                _close(fd)
         if not isinstance(exc, Exception):
             raise
         raise _as_transfer_error(exc, "copy failed") from (None if isinstance(exc, TransferError) else exc)
@@ -1458,14 +1584,18 @@ def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:
     return fd, (st.st_dev, st.st_ino)
 
 
-def _remove_temp(parentfd: int, tmpname: str, tmp_id: tuple[int, int]) -> None:
-    """Remove our temp folder if the name still is it (never a look-alike)."""
+def _remove_temp(parentfd: int, tmpname: str, tmp_id: tuple[int, int], tmpfd: int | None = None) -> None:
+    """Remove our temp folder if the name still is it (never a look-alike).
+
+    Its contents go first through the descriptor we hold (``tmpfd``): the user
+    owns the parent and may have renamed the folder away, and what we made must
+    not stay behind under their chosen name.  Then the folder itself, by name,
+    only if the name still is that very folder.
+    """
     try:
-        st = os.stat(tmpname, dir_fd=parentfd, follow_symlinks=False)
-        if (st.st_dev, st.st_ino) == tmp_id and stat.S_ISDIR(st.st_mode):
-            shutil.rmtree(tmpname, dir_fd=parentfd)
-    except FileNotFoundError:
-        pass
+        if tmpfd is not None:
+            _empty_dir(tmpfd)
+        _rmtree_at(parentfd, tmpname, expect=tmp_id)
     except OSError as exc:
         log.error("cannot remove temporary folder %s: %s", tmpname, exc)
 
