@@ -517,17 +517,28 @@ class Store:
     async def sweep_staging(self, iso_now: str) -> list[str]:
         return list(await self._eval(_SWEEP_STAGING, [], [iso_now]) or [])
 
-    async def mark_watched(self, source_rel: str, job_id: str) -> bool:
-        """Take a folder for the watcher; True only for the first process to ask."""
-        r = await self._call(self.redis.set(self._key("watched", source_rel), job_id, only_if_not_exists=True))
+    async def mark_watched(self, source_rel: str, holder: str, ttl_s: int = 300) -> bool:
+        """Take a folder for the watcher; True only for the first process to ask.
+
+        The mark expires after ``ttl_s`` unless :meth:`watched_done` makes it
+        permanent, so a process that dies between taking a folder and queueing
+        its job does not lose the folder for good.
+        """
+        r = await self._call(self.redis.set(self._key("watched", source_rel), f"taking:{holder}",
+                                            expire=ttl_s, only_if_not_exists=True))
         return r not in (None, False)
+
+    async def watched_done(self, source_rel: str, job_id: str) -> None:
+        """The folder's job exists: keep the mark for good, naming the job."""
+        await self._call(self.redis.set(self._key("watched", source_rel), job_id))
 
     async def unmark_watched(self, source_rel: str) -> None:
         """Give a folder back to the watchers (its job could not be created)."""
         await self._call(self.redis.delete(self._key("watched", source_rel)))
 
-    async def is_watched(self, source_rel: str) -> bool:
-        return bool(await self._call(self.redis.exists(self._key("watched", source_rel))))
+    async def watched(self, source_rel: str) -> str | None:
+        """The folder's watcher mark: a job id, ``taking:<holder>`` while a job is being made, or None."""
+        return await self._call(self.redis.get(self._key("watched", source_rel)))
 
     async def close(self) -> None:
         try:

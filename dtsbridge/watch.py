@@ -9,7 +9,9 @@ manifest's ``username`` (or, if the manifest names none, the ``<username>``
 folder of the DTS layout).
 
 Exactly once per folder, across processes: the folder is taken with
-``SET NX`` in Redis before the job is queued, and the job is created under the
+``SET NX`` in Redis before the job is queued (a mark that expires after five
+minutes unless the job was made, so a process that dies in between loses
+nothing), and the job is created under the
 folder key that a later ``/complete_transfer`` for the same user and folder
 finds (so that call answers 200 with the same ``job_id``). A manifest that
 cannot be used fails its job with a reason; it never stops the watcher.
@@ -150,10 +152,13 @@ class WatchService(Service):
             elif now - prev[1] < self.cfg.watch_settle:
                 continue
             try:
-                if await self.take(rel):
-                    queued.append(rel)
+                taken = await self.take(rel)
             except StoreUnavailable:
                 return queued
+            if taken is None:
+                continue  # another process is making its job right now: look again next pass
+            if taken:
+                queued.append(rel)
             self.done.add(rel)
             self.seen.pop(rel, None)
         for rel in list(self.seen):
@@ -161,13 +166,18 @@ class WatchService(Service):
                 del self.seen[rel]
         return queued
 
-    async def take(self, rel: str) -> bool:
-        """Queue the job for one settled folder unless another process already took it."""
+    async def take(self, rel: str) -> bool | None:
+        """Queue the job for one settled folder unless another process already took it.
+
+        True: queued here; False: the folder has its job already; None: another
+        process is taking it right now (its mark expires if that process dies).
+        """
         store = self.bridge.store
-        if await store.is_watched(rel):
-            return False
-        if not await store.mark_watched(rel, "taken"):
-            return False
+        mark = await store.watched(rel)
+        if mark is not None:
+            return None if mark.startswith("taking:") else False
+        if not await store.mark_watched(rel, self.bridge.holder):
+            return None
         user = await self.run_in_thread(manifest_username, self.cfg.dts_root, rel)
         if user is None and "/" in rel:
             user = rel.split("/", 1)[0]  # the DTS layout: <username>/dts-<uuid>
@@ -175,9 +185,11 @@ class WatchService(Service):
             if not user:
                 raise RequestError(400, "the manifest names no username", reason=errors.MANIFEST_MISMATCH)
             job, created = await self.bridge.submit(user, rel, "watcher", kind="watch")
+            await store.watched_done(rel, job.job_id)
             self.log.info("watcher: {folder} for {user} is job {job_id}", folder=rel, user=user, job_id=job.job_id)
         except RequestError as e:
             job_id = await self.record_failure(rel, user or "", e)
+            await store.watched_done(rel, job_id)
             self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
                           msg=e.message, job_id=job_id)
         except BaseException:

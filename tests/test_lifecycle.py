@@ -661,3 +661,18 @@ def test_watch_records_refused_folders(bridges) -> None:
     good_rel, good = dts_transfer(b.dts_root)
     s = watched_job(b, good_rel, {"SUCCESS", "ERROR"})
     assert s["status"] == "SUCCESS", s
+
+
+def test_watch_takes_a_folder_whose_taker_died(bridges, redis_proc) -> None:
+    """A mark left by a process that died before queueing the job expires; the folder is then completed."""
+    b = bridges(WATCH, start=False)
+    rel, src = dts_transfer(b.dts_root)
+    redis_proc.cli("SET", f"{PREFIX}:watched:{rel}", "taking:deadhost:1", "EX", "3")
+    b.start()
+    time.sleep(2)
+    assert jobs_for(b, "alice", rel) == [], "a folder being taken by another process was taken twice"
+    s = watched_job(b, rel, {"SUCCESS", "ERROR"}, timeout=30)
+    assert s["status"] == "SUCCESS", s
+    assert redis_proc.cli("GET", f"{PREFIX}:watched:{rel}") == s["job_id"]
+    assert redis_proc.cli("TTL", f"{PREFIX}:watched:{rel}") == "-1"
+    assert tree_of(b.user_root / "alice" / rel.split("/")[1]) == tree_of(src)
