@@ -26,48 +26,24 @@ import pytest
 from dtsbridge import engine
 from dtsbridge import errors as E
 from dtsbridge.engine import CopyOptions, Source, TransferError
+from tests.test_engine import JOB, Env as EngineEnv, resolver  # noqa: F401  (shared fixture)
 
 try:
     from fsspy import FsSpy, snapshot
 except ImportError:  # tests/ imported as a package
     from tests.fsspy import FsSpy, snapshot
 
-JOB = "job1"
 RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 
 
-@pytest.fixture(params=["openat2", "fallback"])
-def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    if request.param == "fallback":
-        monkeypatch.setattr(engine, "USE_OPENAT2", False)
-    return request.param
-
-
-class Env:
-    def __init__(self, tmp: Path) -> None:
-        self.tmp = tmp
-        self.dts = tmp / "dts"
-        self.users = tmp / "users"
-        self.outside = tmp / "outside"
-        self.alice = self.users / "alice"
-        for d in (self.dts / "alice", self.alice, self.outside / "sub"):
-            d.mkdir(parents=True)
-        (self.outside / "secret.txt").write_bytes(b"top secret\n")
-        (self.outside / "sub" / "deep.txt").write_bytes(b"deep secret\n")
-
-    def src(self, name: str = "dts-1") -> Path:
-        p = self.dts / "alice" / name
-        p.mkdir(parents=True, exist_ok=True)
-        (p / "a.txt").write_bytes(b"hello\n")
-        return p
+class Env(EngineEnv):
+    """test_engine's folders (dts, users/alice, an outside folder with secrets), copying without fsync."""
 
     def copy(self, rel: str = "alice/dts-1", parts: list[str] | None = None, **kw: object) -> engine.Result:
-        opts = kw.pop("options", CopyOptions(fsync=False))
-        return engine.copy_tree(str(self.dts), Source(rel, rel.rsplit("/", 1)[-1]), str(self.users),
-                                parts or ["alice"], JOB, str(kw.pop("attempt", "1")), opts,
-                                **kw)  # type: ignore[arg-type]
+        kw.setdefault("options", CopyOptions(fsync=False))
+        return super().copy(rel, parts, **kw)
 
     def temp(self, attempt: str = "1") -> Path:
         return self.alice / f".dtsbridge-{JOB}-{attempt}.tmp"
