@@ -320,6 +320,34 @@ return 1
 """
 
 
+# ARGV: prefix, user or '', status or '', limit, scan ; returns {id, {field, value, ...}, ...} newest first
+_LIST = """
+local P, user, status, limit, scan = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), tonumber(ARGV[5])
+local out, found, start = {}, 0, 0
+while found < limit and start < scan do
+  local ids = redis.call('ZREVRANGE', P .. ':jobs', start, start + 199)
+  if #ids == 0 then break end
+  for _, id in ipairs(ids) do
+    local key = P .. ':job:' .. id
+    local ok = true
+    if user ~= '' and redis.call('HGET', key, 'target_user') ~= user then ok = false end
+    if ok and status ~= '' and redis.call('HGET', key, 'status') ~= status then ok = false end
+    if ok then
+      local h = redis.call('HGETALL', key)
+      if #h > 0 then
+        table.insert(out, id)
+        table.insert(out, h)
+        found = found + 1
+        if found >= limit then break end
+      end
+    end
+  end
+  start = start + 200
+end
+return out
+"""
+
+
 def _flat(fields: dict[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
     items = fields.items() if isinstance(fields, dict) else fields
     out: list[str] = []
@@ -438,20 +466,19 @@ class Store:
                 out.append((job_id, claim, holder or ""))
         return out
 
-    async def list_jobs(self, user: str | None = None, status: str | None = None, limit: int = 100) -> list[Job]:
-        ids = await self._call(self.redis.zrevrange(self._key("jobs"), 0, -1))
+    async def list_jobs(self, user: str | None = None, status: str | None = None, limit: int = 100,
+                        scan: int = 20_000) -> list[Job]:
+        """The newest jobs (at most ``limit``) matching ``user`` and ``status``, in one round trip.
+
+        At most ``scan`` of the newest jobs are looked at, so a listing stays
+        bounded however long the history is.
+        """
+        r = await self._eval(_LIST, [], [user or "", status or "", str(limit), str(scan)])
         out: list[Job] = []
-        for job_id in ids or []:
-            job = await self.get_job(job_id)
-            if job is None:
-                continue
-            if user and job.target_user != user:
-                continue
-            if status and job.status.value != status:
-                continue
-            out.append(job)
-            if len(out) >= limit:
-                break
+        for i in range(0, len(r or []), 2):
+            h = dict(zip(r[i + 1][::2], r[i + 1][1::2]))
+            if "status" in h:
+                out.append(Job.from_hash(r[i], h))
         return out
 
     # -- changing ---------------------------------------------------------

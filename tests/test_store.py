@@ -1,0 +1,89 @@
+"""The Redis store's scripts on their own, against a private redis-server (no service around them)."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest_twisted
+
+from dtsbridge.store import Store, connect
+from tests.redis_fixture import RedisProcess
+
+T = "2026-01-01T00:00:00.000Z"
+
+
+def fields(user: str = "alice", status: str = "SUBMITTED") -> dict[str, str]:
+    return {"status": status, "target_user": user, "time_" + status.lower(): T}
+
+
+@pytest_twisted.ensureDeferred
+async def test_create_or_join_by_folder_key(redis_proc: RedisProcess) -> None:
+    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    try:
+        key = store.folder_key("alice", "alice/dts-1")
+        first = str(uuid.uuid4())
+        assert await store.create_job(first, fields(), folder_key=key) == (True, first)
+        # a live job owns the folder: a repeat joins it, nothing new is queued
+        assert await store.create_job(str(uuid.uuid4()), fields(), folder_key=key) == (False, first)
+        assert (await store.counts())["queued"] == 1
+        # another user, same folder: a job of its own
+        other = str(uuid.uuid4())
+        assert await store.create_job(other, fields("bob"), folder_key=store.folder_key("bob", "alice/dts-1")) \
+            == (True, other)
+        # once the owner failed (or was cancelled), a new request makes a new job
+        assert await store.cancel(first, T, "cancelled on request") == "OK"
+        assert await store.cancel(first, T, "again") == "CANCELLED"
+        retry = str(uuid.uuid4())
+        assert await store.create_job(retry, fields(), folder_key=key) == (True, retry)
+        assert await store.cancel(str(uuid.uuid4()), T, "x") == "NOTFOUND"
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_list_jobs_newest_first_filtered_and_limited(redis_proc: RedisProcess) -> None:
+    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    try:
+        made = []
+        for i in range(7):
+            job_id = f"00000000-0000-0000-0000-00000000000{i}"
+            user = "alice" if i % 2 == 0 else "bob"
+            await store.create_job(job_id, fields(user, "SUBMITTED" if i < 5 else "STAGING"), enqueue=False)
+            made.append((job_id, user))
+            redis_proc.cli("ZADD", "t:jobs", str(1000 + i), job_id)  # a known order
+        every = await store.list_jobs()
+        assert [j.job_id for j in every] == [j for j, _ in reversed(made)]
+        alice = await store.list_jobs(user="alice")
+        assert [j.job_id for j in alice] == [j for j, u in reversed(made) if u == "alice"]
+        assert all(j.target_user == "alice" for j in alice)
+        staging = await store.list_jobs(status="STAGING")
+        assert [j.job_id for j in staging] == [made[6][0], made[5][0]]
+        assert [j.job_id for j in await store.list_jobs(user="bob", status="STAGING")] == [made[5][0]]
+        assert len(await store.list_jobs(limit=3)) == 3
+        assert await store.list_jobs(user="carol") == []
+        # a job id in the index whose record is gone is skipped, not an error
+        redis_proc.cli("ZADD", "t:jobs", "2000", "gone")
+        assert [j.job_id for j in await store.list_jobs(limit=1)] == [made[6][0]]
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_claim_is_fifo_and_skips_ended_jobs(redis_proc: RedisProcess) -> None:
+    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    try:
+        ids = [str(uuid.uuid4()) for _ in range(3)]
+        for job_id in ids:
+            await store.create_job(job_id, fields())
+        assert await store.cancel(ids[0], T, "cancelled") == "OK"  # also leaves the queue
+        assert await store.claim("tok1", "h:1", 30, T) == ids[1]
+        assert await store.claim("tok2", "h:1", 30, T) == ids[2]
+        assert await store.claim("tok3", "h:1", 30, T) is None
+        job = await store.get_job(ids[1])
+        assert job.status.value == "TRANSFERRING" and job.extra["attempts"] == 1
+        # handing a job back puts it first in line again
+        assert await store.release(ids[1], "tok1", "handed back") is True
+        assert await store.claim("tok4", "h:2", 30, T) == ids[1]
+        assert (await store.get_job(ids[1])).extra["attempts"] == 2
+    finally:
+        await store.close()
