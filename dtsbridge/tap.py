@@ -53,6 +53,11 @@ class Options(usage.Options):
     ]
 
     def postOptions(self) -> None:
+        parent = getattr(self, "parent", None)
+        if parent is not None and parent.get("nodaemon") and parent.get("pidfile") == "twistd.pid":
+            # In the foreground a supervisor tracks the process: write no ./twistd.pid unless
+            # asked, so several dtsbridge processes can run from one folder.
+            parent["pidfile"] = ""
         overrides = {"server": {"listen": self["listen"]}, "redis": {"url": self["redis"]}}
         try:
             self.config = configmod.load(self["config"], overrides)

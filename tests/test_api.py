@@ -1113,6 +1113,27 @@ def test_listen_and_redis_overrides(tmp_path: Path, redis_proc: RedisProcess) ->
         s.kill()
 
 
+def test_two_foreground_processes_from_one_folder_need_no_pidfile(tmp_path: Path, redis_proc: RedisProcess) -> None:
+    """``twistd -n`` without --pidfile writes no ./twistd.pid, so a second process can start beside the first."""
+    a = DtsBridge(tmp_path, redis_proc.url, name="a")
+    b = DtsBridge(tmp_path, redis_proc.url, name="b", shared_from=a)
+    for s in (a, b):
+        cmd = s.command()
+        s.command = (lambda c: lambda: [x for x in c if x != "--pidfile="])(cmd)  # type: ignore[method-assign]
+    try:
+        a.start()
+        b.start()
+        assert not (tmp_path / "twistd.pid").exists()
+        name, src = new_source(a)
+        r = b.complete("alice", name)
+        assert r.status == 201, r
+        assert a.complete("alice", name).json()["job_id"] == r.json()["job_id"]
+    finally:
+        for s in (a, b):
+            s.stop()
+            s.kill()
+
+
 def _processes_mentioning(state_dir: str) -> list[int]:
     """redis-server processes whose command line names ``state_dir`` or that run in it."""
     found = []
