@@ -516,12 +516,12 @@ def _walk_dest(root: str, parts: list[str], uid: int | None, gid: int | None, cr
                     raise
             else:
                 raise TransferError(UNSAFE_DESTINATION, f"destination {part!r} keeps changing")
-            if made and (uid is not None or gid is not None):
-                st = os.fstat(nxt)
-                if st.st_uid == os.geteuid():  # ours, not something swapped in
-                    os.fchown(nxt, -1 if uid is None else uid, -1 if gid is None else gid)
             os.close(cur)
-            cur = nxt
+            cur = nxt  # from here the except clauses below close it
+            if made and (uid is not None or gid is not None):
+                st = os.fstat(cur)
+                if st.st_uid == os.geteuid():  # ours, not something swapped in
+                    os.fchown(cur, -1 if uid is None else uid, -1 if gid is None else gid)
         return cur
     except TransferError:
         _close(cur)
