@@ -765,6 +765,19 @@ def remove_source(dts_root: str, source: Source) -> None:
 # Scan and manifest
 
 
+def _open_source_subdir(srcfd: int, rel: str, during: str) -> int:
+    """Open a folder of the source tree again, link-safely; a folder swapped for a link,
+    a mount or nothing since the scan fails the job."""
+    try:
+        return open_beneath(srcfd, rel, _DIR_FLAGS)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
+            raise TransferError(UNSAFE_ENTRY, f"{rel!r} became a link, a mount or a file during {during}") from None
+        if exc.errno == errno.ENOENT:
+            raise TransferError(SOURCE_CHANGED, f"{rel!r} vanished during {during}") from None
+        raise
+
+
 def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
     top_st = os.fstat(srcfd)
     dev = top_st.st_dev
@@ -774,14 +787,7 @@ def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
     stack = [""]
     while stack:
         rel = stack.pop()
-        try:
-            dfd = open_beneath(srcfd, rel, _DIR_FLAGS)
-        except OSError as exc:
-            if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
-                raise TransferError(UNSAFE_ENTRY, f"{rel!r} changed into a link or mount during the scan") from None
-            if exc.errno == errno.ENOENT:
-                raise TransferError(SOURCE_CHANGED, f"{rel!r} vanished during the scan") from None
-            raise
+        dfd = _open_source_subdir(srcfd, rel, "the scan")
         with _fd(dfd):
             for name in sorted(os.listdir(dfd)):
                 path = f"{rel}/{name}" if rel else name
@@ -1039,14 +1045,7 @@ class _Dirs:
     def get(self, job: _Job, parent: str) -> tuple[int, int]:
         if parent != self.rel or self.src is None or self.dst is None:
             self.close()
-            try:
-                self.src = open_beneath(job.srcfd, parent, _DIR_FLAGS)
-            except OSError as exc:
-                if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENOTDIR):
-                    raise TransferError(UNSAFE_ENTRY, f"{parent!r} became unsafe during the copy") from None
-                if exc.errno == errno.ENOENT:
-                    raise TransferError(SOURCE_CHANGED, f"{parent!r} vanished during the copy") from None
-                raise
+            self.src = _open_source_subdir(job.srcfd, parent, "the copy")
             self.dst = open_beneath(job.tmpfd, parent, _DIR_FLAGS)
             self.rel = parent
         return self.src, self.dst
