@@ -401,13 +401,24 @@ class Store:
     def __init__(self, redis, prefix: str = "dtsbridge", timeout: float = 5.0, reactor=None) -> None:
         if reactor is None:
             from twisted.internet import reactor  # noqa: F811
-        self.redis = redis
+        self._redis = redis
         self.prefix = prefix
         self.timeout = timeout
         self.reactor = reactor
         self.errors = 0  # Redis errors and timeouts seen (for /metrics)
 
     # -- plumbing ---------------------------------------------------------
+
+    @property
+    def redis(self):
+        """The connection pool; until :meth:`attach` (embedded Redis still starting) every call is a 503."""
+        if self._redis is None:
+            raise StoreUnavailable("Redis is starting")
+        return self._redis
+
+    def attach(self, redis) -> None:
+        """Use this connection pool from now on (for a Redis that was not up when the store was made)."""
+        self._redis = redis
 
     def _key(self, *parts: str) -> str:
         return ":".join((self.prefix, *parts))
@@ -568,7 +579,9 @@ class Store:
         return await self._call(self.redis.get(self._key("watched", source_rel)))
 
     async def close(self) -> None:
+        if self._redis is None:
+            return
         try:
-            await self.redis.disconnect()
+            await self._redis.disconnect()
         except Exception:  # noqa: BLE001 - closing a dead connection
             pass

@@ -162,6 +162,31 @@ class ThreadPoolService(service.Service):
         return deferToThread(stop) if reactor.running else stop()
 
 
+class AttachWhenReady(service.Service):
+    """Connects the store to the embedded Redis once it answers; stops dtsbridge if it never does."""
+
+    def __init__(self, embedded, store: Store, make_pool, reactor) -> None:
+        self.embedded = embedded
+        self.store = store
+        self.make_pool = make_pool
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        self.embedded.ready.addCallbacks(self._ready, self._failed)
+
+    def _ready(self, _) -> None:
+        self.store.attach(self.make_pool())
+
+    def _failed(self, failure) -> None:
+        if failure.check(defer.CancelledError):
+            return  # stopped before it was ready
+        log.critical("dtsbridge: the embedded Redis did not start: {error}; stopping", error=failure.value)
+        sys.stderr.write(f"dtsbridge: the embedded Redis did not start: {failure.value}\n")
+        if self.reactor.running:
+            self.reactor.stop()
+
+
 class BridgeService(service.Service):
     """Runs the bridge's loops; on stop, drains (see :meth:`Bridge.stop`)."""
 
@@ -277,8 +302,16 @@ def makeService(options: Options) -> service.IService:
         return deferToThreadPool(reactor, pool, f, *args, **kwargs)
 
     redis_url = cfg.redis_url
+    embedded = None
     if redis_url == "embedded":
         from dtsbridge.redis_server import EmbeddedRedis
+        try:
+            os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
+            if not os.access(cfg.state_dir, os.W_OK | os.X_OK):
+                raise OSError(f"{cfg.state_dir} is not writable")
+        except OSError as e:
+            sys.stderr.write(f"dtsbridge: configuration error: [state] dir: cannot use {cfg.state_dir}: {e}\n")
+            raise SystemExit(2)
         try:
             embedded = EmbeddedRedis(cfg.state_dir, reactor=reactor)
         except RuntimeError as e:
@@ -296,7 +329,9 @@ def makeService(options: Options) -> service.IService:
         raise SystemExit(2)
 
     metrics = Metrics()
-    store = Store(connect(redis_url, poolsize=max(10, cfg.max_jobs * 2 + 4), reactor=reactor),
+    poolsize = max(10, cfg.max_jobs * 2 + 4)
+    # An embedded Redis is connected to once it answers (no storm of refused connects at start).
+    store = Store(None if embedded else connect(redis_url, poolsize=poolsize, reactor=reactor),
                   prefix=cfg.key_prefix, timeout=cfg.redis_timeout, reactor=reactor)
     bridge = Bridge(cfg, store, run_in_thread, users, reactor=reactor, metrics=metrics, executor=executor)
     if isinstance(authenticator, auth.KBaseAuth):
@@ -313,6 +348,9 @@ def makeService(options: Options) -> service.IService:
     site.displayTracebacks = False
     strports.service(cfg.listen, site).setServiceParent(top)
 
+    if embedded is not None:
+        AttachWhenReady(embedded, store, lambda: connect(redis_url, poolsize=poolsize, reactor=reactor),
+                        reactor).setServiceParent(top)
     BridgeService(bridge, store).setServiceParent(top)
 
     if cfg.watch_enabled:

@@ -1090,6 +1090,18 @@ def test_bad_config_exits_with_one_clear_line(tmp_path: Path, section: str, key:
     assert len(lines) == 1, out
 
 
+def test_unusable_state_dir_for_embedded_redis_exits_with_one_line(tmp_path: Path) -> None:
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the state folder should be")
+    s = DtsBridge(tmp_path, "embedded", settings={"state": {"dir": str(blocker)}})
+    s.write_config()
+    res = subprocess.run(s.command(), capture_output=True, text=True, timeout=60, env=s.env(), cwd=str(tmp_path))
+    out = res.stdout + res.stderr
+    assert res.returncode != 0 and "Traceback" not in out, out
+    lines = [ln for ln in out.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "[state] dir" in lines[0] and str(blocker) in lines[0], out
+
+
 def test_listen_and_redis_overrides(tmp_path: Path, redis_proc: RedisProcess) -> None:
     # the file points at a dead Redis and another port: the command line must win
     s = DtsBridge(tmp_path, "redis://127.0.0.1:1")
