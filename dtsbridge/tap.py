@@ -184,6 +184,8 @@ class AttachWhenReady(service.Service):
         log.critical("dtsbridge: the embedded Redis did not start: {error}; stopping", error=failure.value)
         sys.stderr.write(f"dtsbridge: the embedded Redis did not start: {failure.value}\n")
         if self.reactor.running:
+            # exit non-zero once the services have stopped, so a supervisor sees the failure
+            self.reactor.addSystemEventTrigger("after", "shutdown", os._exit, 1)
             self.reactor.stop()
 
 

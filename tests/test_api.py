@@ -1102,6 +1102,21 @@ def test_unusable_state_dir_for_embedded_redis_exits_with_one_line(tmp_path: Pat
     assert len(lines) == 1 and "[state] dir" in lines[0] and str(blocker) in lines[0], out
 
 
+def test_embedded_redis_that_cannot_start_stops_the_service(tmp_path: Path) -> None:
+    fakebin = tmp_path / "bin"
+    fakebin.mkdir()
+    fake = fakebin / "redis-server"
+    fake.write_text("#!/bin/sh\necho 'this redis-server refuses to start' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    s = DtsBridge(tmp_path, "embedded")
+    s.extra_env["PATH"] = f"{fakebin}:{os.environ.get('PATH', '')}"
+    s.start(wait=False)
+    assert s.proc is not None
+    rc = s.proc.wait(60)
+    assert rc != 0, s.log_tail()
+    assert "embedded Redis did not start" in s.log_text(), s.log_tail()
+
+
 def test_listen_and_redis_overrides(tmp_path: Path, redis_proc: RedisProcess) -> None:
     # the file points at a dead Redis and another port: the command line must win
     s = DtsBridge(tmp_path, "redis://127.0.0.1:1")
