@@ -33,7 +33,7 @@ from twisted.logger import Logger
 from dtsbridge import engine, errors
 from dtsbridge.config import Config
 from dtsbridge.metrics import Metrics
-from dtsbridge.model import Job, Status, now_iso, user_path
+from dtsbridge.model import Job, Status, looks_like_job_id, now_iso, user_path
 from dtsbridge.store import Store, StoreUnavailable
 
 
@@ -236,7 +236,7 @@ class Bridge:
 
     async def done_staging(self, job_id: str, code: str, success: bool, path: str | None,
                            staged_to: str | None, msg: str | None) -> Job:
-        stored = await self.store.get_field(job_id, "authcode_hash") if _looks_like_id(job_id) else None
+        stored = await self.store.get_field(job_id, "authcode_hash") if looks_like_job_id(job_id) else None
         given = hash_code(code)
         if stored is None or not hmac.compare_digest(stored, given):
             raise RequestError(403, "unknown job, wrong or used authcode, or the job is not waiting for staging")
@@ -570,12 +570,6 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _looks_like_id(job_id: str) -> bool:
-    try:
-        uuid.UUID(job_id)
-    except (ValueError, TypeError, AttributeError):
-        return False
-    return True
 
 
 def _relative_to_root(dts_root: str, path: str) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import enum
+import uuid
 from typing import Any, Mapping
 
 import attrs
@@ -51,8 +52,6 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def time_field(status: Status | str) -> str:
-    return "time_" + Status(status).value.lower()
 
 
 # Fields never shown by /transferStatus.
@@ -132,6 +131,15 @@ class Job:
         """The /complete_transfer success body."""
         return {"path": self.path, "job_id": self.job_id, "files": self.files_total or 0,
                 "bytes": self.bytes_total or 0}
+
+
+def looks_like_job_id(job_id: str) -> bool:
+    """Job ids are UUIDs; anything else is no job (answered without asking Redis)."""
+    try:
+        uuid.UUID(job_id)
+    except (ValueError, TypeError, AttributeError):
+        return False
+    return True
 
 
 def user_path(user: str, target_subdir: tuple[str, ...], name: str) -> str:

@@ -504,9 +504,6 @@ class Store:
         r = await self._eval(_CREATE, [folder_key or ""], [job_id, "1" if enqueue else "0", *_flat(fields)])
         return bool(int(r[0])), r[1]
 
-    async def set_fields(self, job_id: str, fields: dict[str, Any]) -> None:
-        await self._call(self.redis.hmset(self._key("job", job_id), dict(zip(*[iter(_flat(fields))] * 2))))
-
     async def add_staging(self, job_id: str, timeout_s: float) -> None:
         await self._eval(_ADD_STAGING, [], [job_id, str(int(timeout_s * 1000))])
 

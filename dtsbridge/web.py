@@ -18,9 +18,9 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 
 from dtsbridge import auth
-from dtsbridge.core import Bridge, Draining, RequestError, _looks_like_id
+from dtsbridge.core import Bridge, Draining, RequestError
 from dtsbridge.errors import http_status_for
-from dtsbridge.model import Job
+from dtsbridge.model import Job, looks_like_job_id
 from dtsbridge.store import StoreUnavailable
 
 MAX_BODY = 64 * 1024
@@ -229,7 +229,7 @@ class Api:
         job_id = (request.args.get(b"job_id") or [b""])[0].decode("utf-8", "replace").strip()
         if not job_id:
             raise ApiError(400, "job_id is required")
-        job = await self.bridge.store.get_job(job_id) if _looks_like_id(job_id) else None
+        job = await self.bridge.store.get_job(job_id) if looks_like_job_id(job_id) else None
         if self.role not in ident.roles and (job is None or job.target_user != ident.user):
             if job is None:
                 raise ApiError(404, f"no job {job_id}")
@@ -280,7 +280,7 @@ class Api:
         await self.require_role(request)
         body = read_body(request)
         job_id = text_field(body, "job_id", limit=100)
-        if not _looks_like_id(job_id):
+        if not looks_like_job_id(job_id):
             raise ApiError(404, f"no job {job_id}")
         job = await self.bridge.cancel(job_id)
         return self.ok(request, 200, job.public())

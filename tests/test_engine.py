@@ -291,7 +291,7 @@ def untouched_outside(env: Env) -> Iterator[None]:
     with FsSpy(str(env.outside)) as spy:
         yield
         events = spy.events()
-    assert events == []
+    assert events == [], f"outside folder touched: {events}"
     assert snapshot(str(env.outside)) == before
 
 

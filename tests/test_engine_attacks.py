@@ -26,12 +26,7 @@ import pytest
 from dtsbridge import engine
 from dtsbridge import errors as E
 from dtsbridge.engine import CopyOptions, Source, TransferError
-from tests.test_engine import JOB, Env as EngineEnv, resolver  # noqa: F401  (shared fixture)
-
-try:
-    from fsspy import FsSpy, snapshot
-except ImportError:  # tests/ imported as a package
-    from tests.fsspy import FsSpy, snapshot
+from tests.test_engine import JOB, Env as EngineEnv, resolver, untouched_outside  # noqa: F401  (shared fixture)
 
 RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -63,16 +58,6 @@ def raises(reason: str) -> Iterator[TransferError]:
     with pytest.raises(TransferError) as info:
         yield info  # type: ignore[misc]
     assert info.value.reason == reason, f"{info.value!r}"
-
-
-@contextmanager
-def untouched_outside(env: Env) -> Iterator[None]:
-    before = snapshot(str(env.outside))
-    with FsSpy(str(env.outside)) as spy:
-        yield
-        events = spy.events()
-    assert events == [], f"outside folder touched: {events}"
-    assert snapshot(str(env.outside)) == before
 
 
 def open_fds() -> set[str]:
