@@ -107,6 +107,9 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
 MAX_NAME_TRIES = 10000
 PROGRESS_STEP = 1024 * 1024
+#: Permission bits a copied file or folder may keep: the owner's and group's rwx and
+#: the others' r-x.  Never world-writable, never setuid, setgid or sticky (README: Security).
+MODE_MASK = 0o775
 
 #: Set to False to force the portable component walk instead of openat2
 #: (tests do; it is also switched off automatically on ENOSYS).
@@ -1088,7 +1091,7 @@ def _copy_file(job: _Job, entry: _FileEntry, dirs: _Dirs | None = None) -> int:
             size = st.st_size
             if st.st_ino != entry.ino or size != entry.size:
                 raise TransferError(SOURCE_CHANGED, f"{rel!r} changed since the scan")
-            mode = st.st_mode & 0o777
+            mode = st.st_mode & MODE_MASK
             # Created with its final mode when the umask keeps it (inside the 0700 temp folder
             # nobody else can reach it before publishing); otherwise fchmod'ed below.
             exact = job.umask is not None and mode & ~job.umask == mode
@@ -1164,7 +1167,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     if job.owner is not None:
         os.fchown(dfd, *job.owner)
     if not exact:
-        os.fchmod(dfd, st.st_mode & 0o777)
+        os.fchmod(dfd, st.st_mode & MODE_MASK)
     os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
     return pending
 
@@ -1172,7 +1175,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
 def _set_dir_attrs(fd: int, d: _DirEntry, options: CopyOptions) -> None:
     if options.uid is not None or options.gid is not None:
         os.fchown(fd, -1 if options.uid is None else options.uid, -1 if options.gid is None else options.gid)
-    os.fchmod(fd, d.mode & 0o777)
+    os.fchmod(fd, d.mode & MODE_MASK)
     os.utime(fd, ns=(d.atime_ns, d.mtime_ns))
 
 

@@ -256,7 +256,7 @@ def assert_same_tree(src: Path, dst: Path) -> None:
         sp, dp = (src / rel), (dst / rel)
         ss, ds = sp.lstat(), dp.lstat()
         assert stat.S_IFMT(ss.st_mode) == stat.S_IFMT(ds.st_mode), rel
-        assert stat.S_IMODE(ds.st_mode) == stat.S_IMODE(ss.st_mode) & 0o777, rel
+        assert stat.S_IMODE(ds.st_mode) == stat.S_IMODE(ss.st_mode) & 0o775, rel  # see test_mode_policy
         assert ds.st_mtime_ns == ss.st_mtime_ns, rel
         if sp.is_file():
             assert sp.read_bytes() == dp.read_bytes(), rel
@@ -283,6 +283,34 @@ def test_normal_copy(env: Env, resolver: str) -> None:
     assert stat.S_IMODE((dst / "emptydir").stat().st_mode) == 0o775
     assert env.user_listing() == ["dts-1"]                            # no temp left
     assert engine.scan(str(env.dts), Source("alice/dts-1", "dts-1")) == plans[0]
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_mode_policy(env: Env, processes: int) -> None:
+    """Copies keep the owner's and group's rwx but never get o+w, setuid, setgid or sticky (README: Security).
+
+    Before: a 3777 folder came out 0777 (sticky dropped, world-writable kept) and a
+    0666 file stayed writable by everyone in the user's datastore.
+    """
+    src = env.src()
+    cases_files = {"ww.txt": (0o666, 0o664), "all.bin": (0o6777, 0o775), "priv.txt": (0o600, 0o600),
+                   "g.txt": (0o660, 0o660), "none.txt": (0o000, 0o000), "a.txt": (0o644, 0o644)}
+    cases_dirs = {"tmpish": (0o3777, 0o775), "sticky": (0o1777, 0o775), "gw": (0o2770, 0o770),
+                  "plain": (0o750, 0o750)}
+    for name, (mode, _) in cases_dirs.items():
+        (src / name).mkdir()
+        (src / name / "f").write_bytes(b"f")
+        os.chmod(src / name, mode)
+    for name, (mode, _) in cases_files.items():
+        (src / name).write_bytes(b"data " + name.encode())
+        os.chmod(src / name, mode)
+    os.chmod(src, 0o3777)
+    env.copy(options=CopyOptions(fsync=False, processes=processes))
+    dst = env.alice / "dts-1"
+    got = {n: stat.S_IMODE((dst / n).lstat().st_mode) for n in [*cases_files, *cases_dirs]}
+    want = {n: w for n, (_, w) in [*cases_files.items(), *cases_dirs.items()]}
+    assert got == want
+    assert stat.S_IMODE(dst.lstat().st_mode) == 0o775                  # the top folder too
 
 
 @contextmanager

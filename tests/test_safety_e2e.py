@@ -1,0 +1,51 @@
+"""End to end, against real ``twistd dtsbridge`` processes: issue 9 items 14-16.
+
+- 14: names beginning with ``.dtsbridge-`` are reserved (400, nothing changes),
+  and no cleanup removes a folder it did not make, even one named exactly like
+  a job's temporary folder (checked by owner, device and inode, never by name);
+- 15: a file bind-mounted into a DTS folder is refused (403 ``unsafe_entry``);
+- 16: copies never get world-writable bits nor setuid/setgid/sticky.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import DtsBridge, leftovers, make_tree, tree_of, wait_until
+
+pytestmark = pytest.mark.timeout(150)
+
+
+def modes(root: Path) -> dict[str, int]:
+    out = {".": stat.S_IMODE(root.lstat().st_mode)}
+    for p in root.rglob("*"):
+        out[str(p.relative_to(root))] = stat.S_IMODE(p.lstat().st_mode)
+    return out
+
+
+# -- 16: modes --------------------------------------------------------------------
+
+
+def test_published_modes_never_world_writable_nor_special(services: Any) -> None:
+    """A 3777 transfer folder with a 0666 file and a 6755 program: 0775, 0664, 0755 in the datastore.
+
+    Before: the folder came out 0777 (sticky dropped, world-writable kept), the file 0666.
+    """
+    svc = services()
+    src = make_tree(svc.dts_root / "modes", {"ww.txt": b"anyone could write me\n", "prog": b"#!/bin/sh\n",
+                                              "sub": {"f": b"f"}})
+    os.chmod(src / "ww.txt", 0o666)
+    os.chmod(src / "prog", 0o6755)
+    os.chmod(src / "sub", 0o1777)
+    os.chmod(src, 0o3777)
+    r = svc.complete("alice", "modes")
+    assert r.status == 201, r
+    dst = svc.user_root / "alice" / "modes"
+    assert modes(dst) == {".": 0o775, "ww.txt": 0o664, "prog": 0o755, "sub": 0o775, "sub/f": 0o644}
+    assert tree_of(dst) == tree_of(src)
