@@ -56,7 +56,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, NamedTuple
 
 import attrs
 import blake3
@@ -156,6 +156,100 @@ WRITEBACK_STEP = 8 * 1024 * 1024
 
 class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+# statx(2) through libc (glibc >= 2.28): the mount id (STATX_MNT_ID, Linux >= 5.8) tells a
+# bind mount from its surroundings when both are on one filesystem (same st_dev).
+AT_SYMLINK_NOFOLLOW = 0x100
+AT_EMPTY_PATH = 0x1000
+STATX_BASIC_STATS = 0x7FF
+STATX_BTIME = 0x800
+STATX_MNT_ID = 0x1000
+
+
+class _StatxTimestamp(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_int64), ("tv_nsec", ctypes.c_uint32), ("_reserved", ctypes.c_int32)]
+
+
+class _Statx(ctypes.Structure):
+    _fields_ = [
+        ("stx_mask", ctypes.c_uint32), ("stx_blksize", ctypes.c_uint32), ("stx_attributes", ctypes.c_uint64),
+        ("stx_nlink", ctypes.c_uint32), ("stx_uid", ctypes.c_uint32), ("stx_gid", ctypes.c_uint32),
+        ("stx_mode", ctypes.c_uint16), ("_spare0", ctypes.c_uint16), ("stx_ino", ctypes.c_uint64),
+        ("stx_size", ctypes.c_uint64), ("stx_blocks", ctypes.c_uint64), ("stx_attributes_mask", ctypes.c_uint64),
+        ("stx_atime", _StatxTimestamp), ("stx_btime", _StatxTimestamp), ("stx_ctime", _StatxTimestamp),
+        ("stx_mtime", _StatxTimestamp), ("stx_rdev_major", ctypes.c_uint32), ("stx_rdev_minor", ctypes.c_uint32),
+        ("stx_dev_major", ctypes.c_uint32), ("stx_dev_minor", ctypes.c_uint32), ("stx_mnt_id", ctypes.c_uint64),
+        ("_spare2", ctypes.c_uint64), ("_spare3", ctypes.c_uint64 * 12),
+    ]
+
+
+_HAVE_STATX = hasattr(_libc, "statx")
+if _HAVE_STATX:
+    _libc.statx.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_uint, ctypes.POINTER(_Statx)]
+    _libc.statx.restype = ctypes.c_int
+
+
+class _Lstat(NamedTuple):
+    """What the scan needs of an entry (the ``os.stat_result`` names), plus its mount id (None: unknown)."""
+
+    st_mode: int
+    st_size: int
+    st_ino: int
+    st_nlink: int
+    st_dev: int
+    st_atime_ns: int
+    st_mtime_ns: int
+    mnt_id: int | None
+
+
+_statx_bufs = threading.local()
+
+
+def _statx(dirfd: int, name: bytes, flags: int, mask: int) -> _Statx | None:
+    """statx(2) into this thread's buffer; None when this system has none (old libc or kernel, seccomp)."""
+    global _HAVE_STATX
+    if not _HAVE_STATX:
+        return None
+    buf = getattr(_statx_bufs, "buf", None)
+    if buf is None:
+        buf = _statx_bufs.buf = _Statx()
+    if _libc.statx(dirfd, name, flags, mask, ctypes.byref(buf)) == 0:
+        return buf  # this thread's buffer: read it before the next call
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EPERM):
+        _HAVE_STATX = False
+        return None
+    raise _os_error(err, os.fsdecode(name))
+
+
+def _ns(ts: _StatxTimestamp) -> int:
+    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+
+
+def _lstat_at(dirfd: int, name: str) -> _Lstat:
+    """``lstat`` of ``name`` in ``dirfd`` with the entry's mount id (a bind-mounted file shows its own)."""
+    sx = _statx(dirfd, os.fsencode(name), AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID)
+    if sx is None:
+        st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
+        return _Lstat(st.st_mode, st.st_size, st.st_ino, st.st_nlink, st.st_dev, st.st_atime_ns, st.st_mtime_ns, None)
+    return _Lstat(sx.stx_mode, sx.stx_size, sx.stx_ino, sx.stx_nlink, os.makedev(sx.stx_dev_major, sx.stx_dev_minor),
+                  _ns(sx.stx_atime), _ns(sx.stx_mtime), sx.stx_mnt_id if sx.stx_mask & STATX_MNT_ID else None)
+
+
+def _mnt_id(fd: int) -> int | None:
+    """The id of the mount ``fd`` is on (statx, else /proc/self/fdinfo); None when the system cannot say."""
+    sx = _statx(fd, b"", AT_EMPTY_PATH, STATX_MNT_ID)
+    if sx is not None and sx.stx_mask & STATX_MNT_ID:
+        return int(sx.stx_mnt_id)
+    try:
+        with open(f"/proc/self/fdinfo/{fd}", "rb") as f:
+            for line in f:
+                if line.startswith(b"mnt_id:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 # --------------------------------------------------------------------------
@@ -330,6 +424,7 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
 def _walk_open(dirfd: int, parts: list[str], flags: int, mode: int) -> int:
     """Portable resolution: one O_NOFOLLOW open per component from held fds."""
     top_dev = os.fstat(dirfd).st_dev
+    top_mnt = _mnt_id(dirfd)
     cur = dirfd
     try:
         for i, part in enumerate(parts):
@@ -346,7 +441,8 @@ def _walk_open(dirfd: int, parts: list[str], flags: int, mode: int) -> int:
                     except FileNotFoundError:
                         pass
                 raise
-            if os.fstat(nxt).st_dev != top_dev:
+            # Another filesystem, or a bind mount of this one (same st_dev, another mount).
+            if os.fstat(nxt).st_dev != top_dev or (top_mnt is not None and _mnt_id(nxt) != top_mnt):
                 os.close(nxt)
                 raise _os_error(errno.EXDEV, part)
             if cur != dirfd:
@@ -560,7 +656,7 @@ RMTREE_MAX_DEPTH = 64
 _RM_DIR_FLAGS = _DIR_FLAGS | os.O_NONBLOCK
 
 
-def _open_subdir(dirfd: int, name: str, dev: int) -> int | None:
+def _open_subdir(dirfd: int, name: str, dev: int, mnt: int | None = None) -> int | None:
     """Open folder ``name`` of ``dirfd`` for removal; None when it is gone or is not a folder (any more).
 
     O_DIRECTORY|O_NOFOLLOW|O_NONBLOCK: a link, FIFO or device swapped in for the
@@ -572,7 +668,8 @@ def _open_subdir(dirfd: int, name: str, dev: int) -> int | None:
         if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
             return None
         raise
-    if os.fstat(fd).st_dev != dev:  # a mount point: never descend into another filesystem
+    # A mount point (another filesystem, or a bind mount of this one): never descend into it.
+    if os.fstat(fd).st_dev != dev or (mnt is not None and _mnt_id(fd) != mnt):
         os.close(fd)
         raise _os_error(errno.EXDEV, name)
     return fd
@@ -601,6 +698,7 @@ def _empty_dir(topfd: int) -> None:
     into ``topfd`` (RENAME_NOREPLACE, same tree) and emptied from there.
     """
     dev = os.fstat(topfd).st_dev
+    mnt = _mnt_id(topfd)
     queue: list[str | None] = [None]  # None: topfd itself; a name: a folder moved up into topfd
     moved = 0
     while queue:
@@ -608,7 +706,7 @@ def _empty_dir(topfd: int) -> None:
         if item is None:
             start: int | None = os.dup(topfd)
         else:
-            start = _open_subdir(topfd, item, dev)
+            start = _open_subdir(topfd, item, dev, mnt)
             if start is None:
                 _unlink_entry(topfd, item)
                 continue
@@ -644,7 +742,7 @@ def _empty_dir(topfd: int) -> None:
                                 raise
                     queue.append(up)
                     continue
-                sub = _open_subdir(fd, name, dev)
+                sub = _open_subdir(fd, name, dev, mnt)
                 if sub is None:  # no longer a folder: a link/FIFO/file now, removed as one
                     _unlink_entry(fd, name)
                     continue
@@ -667,7 +765,7 @@ def _rmtree_at(parentfd: int, name: str, expect: tuple[int, int] | None = None) 
     With ``expect`` (device, inode) only that very folder is removed.
     """
     dev = os.fstat(parentfd).st_dev
-    fd = _open_subdir(parentfd, name, dev)
+    fd = _open_subdir(parentfd, name, dev, _mnt_id(parentfd))
     if fd is None:
         return False
     with _fd(fd):
@@ -784,6 +882,7 @@ def _open_source_subdir(srcfd: int, rel: str, during: str) -> int:
 def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
     top_st = os.fstat(srcfd)
     dev = top_st.st_dev
+    mnt = _mnt_id(srcfd)
     files: list[_FileEntry] = []
     dirs: list[_DirEntry] = []
     total = 0
@@ -795,7 +894,7 @@ def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
             for name in sorted(os.listdir(dfd)):
                 path = f"{rel}/{name}" if rel else name
                 try:
-                    st = os.stat(name, dir_fd=dfd, follow_symlinks=False)
+                    st = _lstat_at(dfd, name)
                 except FileNotFoundError:
                     raise TransferError(SOURCE_CHANGED, f"{path!r} vanished during the scan") from None
                 mode = st.st_mode
@@ -803,6 +902,8 @@ def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
                     raise TransferError(UNSAFE_ENTRY, f"{path!r} is a symbolic link")
                 if st.st_dev != dev:
                     raise TransferError(UNSAFE_ENTRY, f"{path!r} is on another filesystem (mount point)")
+                if mnt is not None and st.mnt_id is not None and st.mnt_id != mnt:
+                    raise TransferError(UNSAFE_ENTRY, f"{path!r} is a mount point (a bind mount)")
                 if stat.S_ISDIR(mode):
                     dirs.append(_DirEntry(path, stat.S_IMODE(mode), st.st_atime_ns, st.st_mtime_ns))
                     stack.append(path)
@@ -1077,7 +1178,7 @@ def _copy_file(job: _Job, entry: _FileEntry, dirs: _Dirs | None = None) -> int:
         parent, _, name = rel.rpartition("/")
         sdir, ddir = dirs.get(job, parent)
         try:
-            sfd = os.open(name, _SRC_FLAGS, dir_fd=sdir)
+            sfd = open_beneath(sdir, name, _SRC_FLAGS)  # no link, no mount (a bind-mounted file)
         except OSError as exc:
             if exc.errno in (errno.ELOOP, errno.EXDEV, errno.ENXIO):
                 raise TransferError(UNSAFE_ENTRY, f"{rel!r} became unsafe during the copy") from None

@@ -421,6 +421,92 @@ def test_unsafe_entries_refused(env: Env, resolver: str, kind: str) -> None:
         assert snapshot(str(src)) == src_before
 
 
+def bind_mount(what: Path, where: Path) -> None:
+    """``mount --bind what where`` (root only: skipped with the reason otherwise, but never under CI=true)."""
+    r = subprocess.run(["mount", "--bind", str(what), str(where)], capture_output=True, text=True)
+    if r.returncode != 0:
+        if os.geteuid() != 0 and os.environ.get("CI") != "true":
+            pytest.skip(f"mount --bind needs root; running as uid {os.geteuid()}: {r.stderr.strip()}")
+        pytest.fail(f"mount --bind {what} {where} failed: {r.stderr.strip()}")
+
+
+@contextmanager
+def bound(what: Path, where: Path) -> Iterator[None]:
+    bind_mount(what, where)
+    try:
+        yield
+    finally:
+        umount(where)
+
+
+def test_bind_mounted_file_refused(env: Env, resolver: str) -> None:
+    """A file of the same filesystem bind-mounted into the tree: same st_dev, another mount: 403 unsafe_entry.
+
+    Before: directory bind mounts were refused (openat2 RESOLVE_NO_XDEV on folders) but a
+    bind-mounted file was copied, handing the user a file from outside the DTS area.
+    """
+    src = env.src()
+    (src / "sub").mkdir()
+    (src / "sub" / "innocent.txt").write_bytes(b"")         # the mount point
+    assert os.stat(env.outside / "secret.txt").st_dev == os.stat(src).st_dev
+    called: list[object] = []
+    with bound(env.outside / "secret.txt", src / "sub" / "innocent.txt"):
+        assert (src / "sub" / "innocent.txt").read_bytes() == b"top secret\n"
+        with untouched(env):
+            with raises(E.UNSAFE_ENTRY):
+                engine.scan(str(env.dts), Source("alice/dts-1", "dts-1"))
+            with raises(E.UNSAFE_ENTRY):
+                env.copy(parts=["alice", "dts_transfers"], on_plan=called.append)
+    assert called == []
+    assert not (env.alice / "dts_transfers").exists()
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_file_bind_mounted_after_the_scan_refused(env: Env, resolver: str, processes: int) -> None:
+    """The mount appears between the scan and the copy: each file's open refuses it; nothing is left."""
+    src = env.src()
+    for i in range(10):
+        (src / f"f{i}.txt").write_bytes(b"x%d" % i)
+    target = src / "f5.txt"
+    mounted: list[bool] = []
+
+    def on_plan(plan: engine.Plan) -> None:
+        bind_mount(env.outside / "secret.txt", target)
+        mounted.append(True)
+
+    try:
+        with raises(E.UNSAFE_ENTRY):
+            env.copy(options=CopyOptions(fsync=False, processes=processes, workers=1), on_plan=on_plan)
+    finally:
+        if mounted:
+            umount(target)
+    assert mounted
+    assert env.user_listing() == []
+    assert (env.outside / "secret.txt").read_bytes() == b"top secret\n"
+
+
+def test_bind_mounted_folder_of_the_same_filesystem_refused(env: Env, resolver: str) -> None:
+    """A folder of the same filesystem bind-mounted into the tree (the component walk compared st_dev only)."""
+    src = env.src()
+    (src / "d").mkdir()
+    with bound(env.outside / "sub", src / "d"):
+        with untouched(env):
+            with raises(E.UNSAFE_ENTRY):
+                env.copy()
+        with raises(E.OUTSIDE_DTS_AREA):
+            engine.resolve_source(str(env.dts), "alice/dts-1/d")
+
+
+def test_removal_never_descends_into_a_bind_mount(env: Env, resolver: str) -> None:
+    """delete_source of a tree holding a bind mount of an outside folder: refused, the outside folder intact."""
+    src = env.src()
+    (src / "d").mkdir()
+    with bound(env.outside / "sub", src / "d"):
+        with raises(E.IO_ERROR):
+            engine.remove_source(str(env.dts), Source("alice/dts-1", "dts-1"))
+    assert (env.outside / "sub" / "deep.txt").read_bytes() == b"deep secret\n"
+
+
 def test_mount_point_inside_refused(env: Env, resolver: str) -> None:
     src = env.src()
     mnt = src / "mnt"

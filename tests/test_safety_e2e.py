@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from tests.harness import DtsBridge, leftovers, make_tree, tree_of, wait_until
+from tests.test_engine import bind_mount, umount
 
 pytestmark = pytest.mark.timeout(150)
 
@@ -49,3 +50,30 @@ def test_published_modes_never_world_writable_nor_special(services: Any) -> None
     dst = svc.user_root / "alice" / "modes"
     assert modes(dst) == {".": 0o775, "ww.txt": 0o664, "prog": 0o755, "sub": 0o775, "sub/f": 0o644}
     assert tree_of(dst) == tree_of(src)
+
+
+# -- 15: bind-mounted files -------------------------------------------------------------
+
+
+def test_bind_mounted_file_in_the_transfer_is_403_unsafe_entry(services: Any, tmp_path: Path) -> None:
+    """A file from outside the DTS area (same filesystem) bind-mounted into a transfer: 403, nothing published.
+
+    Before: 201, and the outside file was delivered to the user.
+    """
+    svc = services()
+    secret = tmp_path / "outside-secret.txt"
+    secret.write_bytes(b"not for alice\n")
+    src = make_tree(svc.dts_root / "bound", {"ok.txt": b"fine\n", "sub": {"looks_normal.txt": b""}})
+    assert os.stat(secret).st_dev == os.stat(src).st_dev
+    bind_mount(secret, src / "sub" / "looks_normal.txt")
+    try:
+        r = svc.complete("alice", "bound")
+        assert r.status == 403, r
+        assert "mount" in r.json()["error"]["message"], r
+        r = svc.complete("alice", "bound", asynchronous=True)
+        job = svc.wait_status(r.json()["job_id"], {"SUCCESS", "ERROR"})
+    finally:
+        umount(src / "sub" / "looks_normal.txt")
+    assert (job["status"], job["reason"]) == ("ERROR", "unsafe_entry"), job
+    assert os.listdir(svc.user_root / "alice") == []
+    assert leftovers(svc.user_root) == []
