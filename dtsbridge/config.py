@@ -50,6 +50,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "fsync": "true",
         "lease_seconds": "15",
         "max_jobs_per_user": "",
+        "reflink": "auto",
     },
     "staging": {"timeout_seconds": "86400", "max_timeout_seconds": "604800"},
     "watch": {"enabled": "false", "interval_seconds": "2", "settle_seconds": "2"},
@@ -95,6 +96,7 @@ class Config:
     fsync: bool
     lease_seconds: float
     max_jobs_per_user: int | None
+    reflink: str
     staging_timeout: float
     staging_max_timeout: float
     watch_enabled: bool
@@ -265,6 +267,7 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         fsync=_bool("copy", "fsync", v["copy"]["fsync"]),
         lease_seconds=_number("copy", "lease_seconds", v["copy"]["lease_seconds"], kind=float, minimum=2),
         max_jobs_per_user=per_user,
+        reflink=_choice("copy", "reflink", v["copy"]["reflink"], ("auto", "never")),
         staging_timeout=_number("staging", "timeout_seconds", v["staging"]["timeout_seconds"], kind=float, minimum=1),
         staging_max_timeout=_number("staging", "max_timeout_seconds", v["staging"]["max_timeout_seconds"], kind=float, minimum=1),
         watch_enabled=_bool("watch", "enabled", v["watch"]["enabled"]),

@@ -430,7 +430,7 @@ class Bridge:
             uid, gid = await self.run_in_thread(self._ownership, job.target_user)
             options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,
                                          max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads,
-                                         processes=cfg.processes)
+                                         processes=cfg.processes, reflink=cfg.reflink)
             phase_started = [time.monotonic()]
 
             def on_plan(plan) -> None:
@@ -473,6 +473,10 @@ class Bridge:
             "files_total": result.files, "files_done": result.files,
             "bytes_total": result.bytes, "bytes_done": result.bytes,
         }
+        if result.files_cloned:
+            fields["files_cloned"] = result.files_cloned
+            fields["bytes_cloned"] = result.bytes_cloned
+            detail += f" ({result.files_cloned} cloned)"
         if result.manifest_resources or result.size_only:
             fields["manifest_resources"] = result.manifest_resources
             fields["manifest_size_only"] = result.size_only

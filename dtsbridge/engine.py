@@ -20,6 +20,12 @@ whole copy is read back and hashed again; big files go to threads, largest
 first; batches of small files go to a few worker processes
 (``CopyOptions.processes``, started once through a ``forkserver``), because
 their per-file Python work would otherwise serialise the threads on the GIL.
+When the DTS area and the datastore are one filesystem that can share blocks
+(``CopyOptions.reflink = "auto"``: XFS with reflink, btrfs), each file is
+cloned with ``ioctl(FICLONE)`` instead, through the very descriptors a copy
+would use, and the clone is read and hashed once (against the manifest's
+hashes when it gives some); the first "cannot clone here" answer
+(``EOPNOTSUPP``, ``EXDEV``, ``EINVAL``, ``ENOTTY``) makes the rest of the job copy.
 
 On any failure everything made for the job is removed (the temporary folder
 and all it holds) and a :class:`~dtsbridge.errors.TransferError` is raised.
@@ -42,6 +48,7 @@ from __future__ import annotations
 import concurrent.futures
 import ctypes
 import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -324,6 +331,9 @@ class CopyOptions:
     workers: int = 4
     #: Worker processes for batches of small files (0: threads only); see :func:`_worker_pool`.
     processes: int = 0
+    #: ``auto``: clone files (``FICLONE``) when source and destination share a filesystem that can;
+    #: ``never``: always copy.  See :func:`_clone`.
+    reflink: str = "auto"
 
 
 @attrs.frozen
@@ -337,6 +347,9 @@ class Result:
     manifest_resources: int
     ino: int
     dev: int
+    #: Files (and their bytes) cloned with FICLONE instead of copied.
+    files_cloned: int = 0
+    bytes_cloned: int = 0
 
 
 # --------------------------------------------------------------------------
@@ -1073,6 +1086,11 @@ class _Job:
         self.owner = None if options.uid is None and options.gid is None else (
             -1 if options.uid is None else options.uid, -1 if options.gid is None else options.gid)
         self.umask = _current_umask()
+        # Cloning is tried only when both trees are on one filesystem; the first
+        # "cannot clone here" answer turns it off for the rest of the job.
+        self.reflink = options.reflink == "auto" and _same_fs(srcfd, tmpfd)
+        self.files_cloned = 0
+        self.bytes_cloned = 0
 
     def fault_once(self, name: str) -> None:
         """Test-only: :func:`_fault_point` the first time this job reaches ``name``."""
@@ -1095,6 +1113,41 @@ class _Job:
             self.bytes_done += nbytes
             self.files_done += files
             self.on_progress(self.files_done, self.bytes_done)
+
+    def cloned(self, nbytes: int, files: int = 1) -> None:
+        with self.lock:
+            self.files_cloned += files
+            self.bytes_cloned += nbytes
+
+
+def _same_fs(srcfd: int, tmpfd: int) -> bool:
+    try:
+        return os.fstat(srcfd).st_dev == os.fstat(tmpfd).st_dev
+    except OSError:
+        return False
+
+
+#: ``ioctl(dst, FICLONE, src)``: make ``dst`` share all of ``src``'s blocks (linux/fs.h).
+FICLONE = 0x40049409
+#: Answers that mean "this filesystem (pair) cannot clone": copy instead, and stop trying for this job.
+_NO_CLONE = frozenset({errno.EOPNOTSUPP, errno.ENOTSUP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.ENOSYS})
+
+
+def _clone(job: _Job, sfd: int, dfd: int) -> bool:
+    """Try to clone ``sfd`` into the new, empty ``dfd``; False (and no more tries) when it cannot be done."""
+    if not job.reflink:
+        return False
+    try:
+        fcntl.ioctl(dfd, FICLONE, sfd)
+        return True
+    except OSError as exc:
+        if exc.errno not in _NO_CLONE:
+            raise
+        job.reflink = False
+        log.info("cloning is not possible here (%s); copying instead", exc.strerror)
+        if os.fstat(dfd).st_size:  # never happens for these answers; stay exact anyway
+            os.ftruncate(dfd, 0)
+        return False
 
 
 _buffers = threading.local()
@@ -1209,6 +1262,8 @@ def _copy_file(job: _Job, entry: _FileEntry, dirs: _Dirs | None = None) -> int:
 
 
 def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_result, exact: bool) -> int:
+    if entry.size and _clone(job, sfd, dfd):
+        return _check_clone(job, entry, sfd, dfd, st, exact)
     rel = entry.rel
     size = st.st_size
     checksum = job.options.checksum
@@ -1269,6 +1324,59 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
         os.fchown(dfd, *job.owner)
     if not exact:
         os.fchmod(dfd, st.st_mode & MODE_MASK)
+    os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    return pending
+
+
+def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_result, exact: bool) -> int:
+    """Verify a clone: it shares the source's blocks, so it is read (hashed) once.
+
+    The clone is a point-in-time copy of the whole source; an unchanged source
+    ``fstat`` (size and mtime) after it means it holds what the scan saw.  The
+    read checks every block can be read back, at the scanned size, and against
+    the manifest's hashes when there are some.
+    """
+    rel = entry.rel
+    size = st.st_size
+    st2 = os.fstat(sfd)
+    if st2.st_size != size or st2.st_mtime_ns != st.st_mtime_ns or os.fstat(dfd).st_size != size:
+        raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was cloned")
+    job.fault_once("copy")
+    main = _new_hash(job.options.checksum)
+    wanted = job.hashes.get(rel, ())
+    extra = [hashlib.new(algo) for algo, _ in wanted]
+    buf = _buffer()
+    blen = len(buf)
+    off = 0
+    pending = 0
+    while True:
+        job.check_stop()
+        want = min(blen, size + 1 - off)
+        n = os.preadv(dfd, [buf[:want]], off)
+        if n:
+            chunk = buf[:n]
+            main.update(chunk)
+            for h in extra:
+                h.update(chunk)
+            off += n
+            pending += n
+            if pending >= PROGRESS_STEP:
+                job.progress(pending, 0)
+                pending = 0
+        if n < want or off > size:
+            break
+    if off != size:
+        raise TransferError(CHECKSUM_MISMATCH, f"the clone of {rel!r} does not match its source")
+    for h, (algo, hexd) in zip(extra, wanted):
+        if h.hexdigest() != hexd:
+            raise TransferError(MANIFEST_MISMATCH,
+                                f"manifest.json: {algo} of {rel!r} is {h.hexdigest()}, the manifest says {hexd}")
+    job.fault_once("verify")
+    job.cloned(size)
+    if job.owner is not None:
+        os.fchown(dfd, *job.owner)
+    if not exact:
+        os.fchmod(dfd, st.st_mode & 0o777)
     os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
     return pending
 
@@ -1352,7 +1460,8 @@ def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _
                 if procs is not None and where is not None and all(f.size < PROCESS_FILE_MAX for f in b):
                     try:
                         hashes = {f.rel: job.hashes[f.rel] for f in b if f.rel in job.hashes}
-                        fut = procs.submit(_worker_copy, where, b, hashes, job.options, job.dev)
+                        opts = job.options if job.reflink else attrs.evolve(job.options, reflink="never")
+                        fut = procs.submit(_worker_copy, where, b, hashes, opts, job.dev)
                     except (concurrent.futures.BrokenExecutor, RuntimeError, OSError):
                         _drop_worker_pool(procs)
                         procs = None
@@ -1540,7 +1649,11 @@ def _worker_dirs(where: _Where) -> tuple[int, int]:
 
 def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple[tuple[str, str], ...]],
                  options: CopyOptions, dev: int) -> tuple[Any, ...]:
-    """In a worker process: copy one batch; ``("ok", files, bytes)`` or ``("error", reason, message)``."""
+    """In a worker process: copy one batch.
+
+    Answers ``("ok", files, bytes, files_cloned, bytes_cloned, reflink)`` (``reflink``:
+    whether cloning still seems possible) or ``("error", reason, message)``.
+    """
     try:
         srcfd, tmpfd = _worker_dirs(where)
         manifest = Manifest(resources=0, size_only=0, hashes=hashes) if hashes else None
@@ -1548,7 +1661,7 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
         job = _Job(srcfd, tmpfd, dev, plan, options, lambda files, nbytes: None, lambda: False)
         job.faults = False
         _copy_batch(job, batch)
-        return ("ok", job.files_done, job.bytes_done)
+        return ("ok", job.files_done, job.bytes_done, job.files_cloned, job.bytes_cloned, job.reflink)
     except TransferError as exc:  # not picklable as is: sent as its parts
         return ("error", exc.reason, exc.message)
 
@@ -1556,6 +1669,9 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
 def _worker_result(job: _Job, result: tuple[Any, ...]) -> BaseException | None:
     if result[0] == "ok":
         job.progress(result[2], result[1])
+        job.cloned(result[4], result[3])
+        if not result[5]:
+            job.reflink = False
         return None
     return TransferError(result[1], result[2])
 
@@ -1586,6 +1702,8 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
     """
     tmpname = _temp_name(job_id, attempt)
     _new_hash(options.checksum)  # validate early
+    if options.reflink not in ("auto", "never"):
+        raise TransferError(BAD_REQUEST, f"unknown reflink mode {options.reflink!r} (auto or never)")
     if not dest_parts:
         raise TransferError(BAD_REQUEST, "no destination folder")
     rel = normalize_relpath(source.rel)
@@ -1656,7 +1774,7 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
     m = plan.manifest
     return Result(name=final, files=plan.files, bytes=plan.bytes,
                   size_only=m.size_only if m else 0, manifest_resources=m.resources if m else 0,
-                  ino=tmp_id[1], dev=tmp_id[0])
+                  ino=tmp_id[1], dev=tmp_id[0], files_cloned=job.files_cloned, bytes_cloned=job.bytes_cloned)
 
 
 def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:

@@ -59,7 +59,7 @@ SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "
                            "folder_key", "dest_parts", "source_rel", "lease_host",
                            "publish_files", "publish_bytes", "publishing", "active_user"})
 INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
-                        "manifest_resources", "manifest_size_only", "attempts"})
+                        "manifest_resources", "manifest_size_only", "attempts", "files_cloned", "bytes_cloned"})
 BOOL_FIELDS = frozenset({"stager_success", "async", "source_deleted"})
 
 

@@ -61,6 +61,8 @@ def spec(version: str) -> dict[str, Any]:
         "manifest_resources": _INT,
         "manifest_size_only": _INT,
         "attempts": _INT,
+        "files_cloned": _INT,
+        "bytes_cloned": _INT,
         "source_deleted": {"type": "boolean"},
         **timestamps,
     }

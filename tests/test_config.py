@@ -66,6 +66,8 @@ def test_spec_example_parses_with_paths_relative_to_the_file(tmp_path: Path) -> 
 def test_shipped_config_loads() -> None:
     c = config.load(str(Path(__file__).resolve().parent.parent / "etc" / "dtsbridge.ini"), environ={})
     assert c.redis_url == "embedded" and c.checksum == "xxh3" and c.fsync is True
+    assert c.reflink == "auto"
+    assert config.load(None, environ={"DTSBRIDGE_COPY_REFLINK": "Never"}).reflink == "never"
 
 
 def test_environment_overrides_every_key_and_command_line_wins(tmp_path: Path) -> None:
@@ -99,6 +101,7 @@ def test_unknown_keys_are_reported_not_fatal(tmp_path: Path) -> None:
     ("paths", "target_subdir", "../escape", "[paths] target_subdir"),
     ("redis", "url", "http://x", "[redis] url"),
     ("copy", "checksum", "crc32", "[copy] checksum"),
+    ("copy", "reflink", "always", "[copy] reflink: expected one of auto, never"),
 ])
 def test_bad_values_name_the_key(tmp_path: Path, section: str, key: str, value: str, message: str) -> None:
     env = {f"DTSBRIDGE_{section.upper()}_{key.upper()}": value}
