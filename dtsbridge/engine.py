@@ -1320,12 +1320,17 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
             break
     if off != total or check.digest() != main.digest():
         raise TransferError(CHECKSUM_MISMATCH, f"the copy of {rel!r} does not match its source")
+    _finish_file(job, dfd, st, exact)
+    return pending
+
+
+def _finish_file(job: _Job, dfd: int, st: os.stat_result, exact: bool) -> None:
+    """Give a verified file its owner, mode and times (the source's)."""
     if job.owner is not None:
         os.fchown(dfd, *job.owner)
     if not exact:
         os.fchmod(dfd, st.st_mode & MODE_MASK)
     os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
-    return pending
 
 
 def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_result, exact: bool) -> int:
@@ -1373,11 +1378,7 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
                                 f"manifest.json: {algo} of {rel!r} is {h.hexdigest()}, the manifest says {hexd}")
     job.fault_once("verify")
     job.cloned(size)
-    if job.owner is not None:
-        os.fchown(dfd, *job.owner)
-    if not exact:
-        os.fchmod(dfd, st.st_mode & 0o777)
-    os.utime(dfd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    _finish_file(job, dfd, st, exact)
     return pending
 
 

@@ -116,6 +116,7 @@ def test_files_are_cloned_and_verified(xenv: Env, processes: int) -> None:
     """Every non-empty file is a clone (FIEMAP: all its extents shared), owned, with mode and times kept."""
     src, files = fill(xenv)
     os.chmod(src / "mid.bin", 0o640)
+    os.chmod(src / "small-0.txt", 0o4777)
     os.utime(src / "big.bin", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
     r = xenv.copy(options=CopyOptions(processes=processes, uid=1234, gid=5678))
     dst = xenv.alice / "dts-1"
@@ -129,6 +130,7 @@ def test_files_are_cloned_and_verified(xenv: Env, processes: int) -> None:
     assert (st.st_uid, st.st_gid) == (1234, 5678)
     assert st.st_mtime_ns == 1_600_000_000_123_456_789
     assert os.stat(dst / "mid.bin").st_mode & 0o777 == 0o640
+    assert os.stat(dst / "small-0.txt").st_mode & 0o7777 == 0o775  # as a copy: never setuid, never world-writable
     assert r.manifest_resources == len(files) - 1
     assert leftovers(xenv.users) == []
 
