@@ -23,7 +23,7 @@ class ConfigError(Exception):
 DEFAULTS: dict[str, dict[str, str]] = {
     "server": {"listen": "tcp:8080:interface=127.0.0.1", "public_url": "", "log_format": "text"},
     "redis": {"url": "embedded", "timeout_seconds": "5", "key_prefix": "dtsbridge"},
-    "state": {"dir": "../var/state"},
+    "state": {"dir": "../var/state", "retention_days": "30"},
     "paths": {
         "dts_root": "../var/dts",
         "user_root": "../var/users",
@@ -73,6 +73,7 @@ class Config:
     redis_timeout: float
     key_prefix: str
     state_dir: str
+    retention_seconds: float
     dts_root: str
     user_root: str
     target_subdir: tuple[str, ...]
@@ -230,6 +231,10 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         raise ConfigError(f"[redis] url: expected embedded, redis://…, unix://… or redis+sentinel://…, got {redis_url!r}")
     if redis_url.startswith("unix://") and not os.path.isabs(redis_url[len("unix://"):].split("?")[0]):
         redis_url = "unix://" + os.path.normpath(os.path.join(base, redis_url[len("unix://"):]))
+    retention_days = _number("state", "retention_days", v["state"]["retention_days"], kind=float)
+    if not retention_days > 0 or retention_days == float("inf"):
+        raise ConfigError(f"[state] retention_days: must be a number of days above 0 (fractions allowed), "
+                          f"got {v['state']['retention_days']!r}")
     prefix = v["redis"]["key_prefix"].strip()
     if not prefix or any(c in prefix for c in " {}\n"):
         raise ConfigError("[redis] key_prefix: must be a plain non-empty word")
@@ -244,6 +249,7 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         redis_timeout=_number("redis", "timeout_seconds", v["redis"]["timeout_seconds"], kind=float, minimum=0.1),
         key_prefix=prefix,
         state_dir=p("state", "dir"),
+        retention_seconds=retention_days * 86400,
         dts_root=p("paths", "dts_root"),
         user_root=p("paths", "user_root"),
         target_subdir=parts,

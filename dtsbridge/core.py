@@ -227,8 +227,8 @@ class Bridge:
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.STAGING, user, subdirectory, submitter, "staged", None)
         fields.update(authcode_hash=hash_code(code), staging_timeout=int(timeout))
-        await self.store.create_job(job_id, fields, enqueue=False)
-        await self.store.add_staging(job_id, timeout)
+        # the job and its staging deadline in one step: no job can wait for a stager forever
+        await self.store.create_job(job_id, fields, staging_s=timeout)
         self.log.info("job {job_id} waits for a stager ({timeout:g} s)", job_id=job_id, timeout=timeout)
         job = await self.store.get_job(job_id)
         assert job is not None
@@ -529,6 +529,7 @@ class Bridge:
                 self.log.info("job {job_id}: staging timed out", job_id=job_id)
                 self.metrics.jobs_finished.labels("ERROR", errors.STAGING_TIMEOUT).inc()
                 self._notify(job_id)
+            await self.store.trim()
             self.counts = await self.store.counts()
         except StoreUnavailable:
             pass

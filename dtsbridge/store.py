@@ -12,6 +12,15 @@ Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
 - ``P:folder:<user>:<folder>``  string: the job that owns "copy this folder for
   this user"; a repeat of the request finds it here
 - ``P:watched:<folder>``  string: the watcher has taken this folder (SET NX)
+- ``P:expiring``      sorted set: ended jobs by the time they are forgotten (ms)
+
+Retention: when a job ends and no worker holds it any more, the script that
+ends it gives its hash, its folder key and its watcher mark (the ones that
+still name it) a ``PEXPIRE`` of the job's ``retain_ms`` (``[state]
+retention_days``, recorded at creation) and adds it to ``P:expiring``;
+:meth:`Store.trim` (every housekeeping tick) then drops the index entries
+(``P:jobs``, ``P:expiring``) of jobs whose time is up. Redis memory is thus
+bounded by the jobs of the retention period plus the live ones.
 
 Every change that must be atomic is a Lua script, and every script reads the
 time from Redis (``TIME``) so hosts with skewed clocks agree on leases and
@@ -51,10 +60,35 @@ local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
-# ARGV: prefix, job_id, enqueue(0/1), n, field1, value1, ... ; KEYS: folder key or ''
-_CREATE = _NOW + """
+DEFAULT_RETAIN_MS = 30 * 86400 * 1000
+
+# Retention (needs _NOW): a job that has ended and that no worker holds any more is
+# forgotten ``retain_ms`` (a field set at creation) from now, together with the keys
+# that still name it. A job that ended while a worker still holds its claim (a
+# cancelled copy) is scheduled when that claim is dropped (finish, release, recover).
+_FORGET = """
+local function forget_later(P, id, key, default_ms)
+  local st = redis.call('HGET', key, 'status')
+  if st ~= 'SUCCESS' and st ~= 'ERROR' and st ~= 'CANCELLED' then return end
+  if redis.call('HEXISTS', key, 'claim') == 1 then return end
+  local ms = tonumber(redis.call('HGET', key, 'retain_ms') or '') or default_ms or %d
+  if ms < 1 then ms = 1 end
+  redis.call('PEXPIRE', key, ms)
+  for _, f in ipairs({'folder_key', 'watched_key'}) do
+    local k = redis.call('HGET', key, f)
+    if k and redis.call('GET', k) == id then redis.call('PEXPIRE', k, ms) end
+  end
+  redis.call('ZADD', P .. ':expiring', now + ms, id)
+end
+""" % DEFAULT_RETAIN_MS
+
+# ARGV: prefix, job_id, enqueue, field1, value1, ... ; KEYS: folder key or ''
+# enqueue: '1' queue it, '0' not, 'staging:<ms>' a STAGING job whose deadline is
+# registered in the same step (a job can never wait for a stager without one).
+_CREATE = _NOW + _FORGET + """
 local P, id, enqueue = ARGV[1], ARGV[2], ARGV[3]
 local folder = KEYS[1]
+local key = P .. ':job:' .. id
 if folder ~= '' then
   local existing = redis.call('GET', folder)
   if existing then
@@ -64,8 +98,11 @@ if folder ~= '' then
     end
   end
   redis.call('SET', folder, id)
+  redis.call('HSET', key, 'folder_key', folder)
 end
-local key = P .. ':job:' .. id
+if string.sub(enqueue, 1, 8) == 'staging:' then
+  redis.call('ZADD', P .. ':staging', now + tonumber(string.sub(enqueue, 9)), id)
+end
 for i = 4, #ARGV, 2 do
   redis.call('HSET', key, ARGV[i], ARGV[i + 1])
 end
@@ -73,6 +110,7 @@ redis.call('ZADD', P .. ':jobs', now, id)
 if enqueue == '1' then
   redis.call('LPUSH', P .. ':queue', id)
 end
+forget_later(P, id, key)
 return {1, id}
 """
 
@@ -89,6 +127,28 @@ local function uncount(P, key)
       redis.call('HDEL', P .. ':user_active', u)
     end
   end
+end
+"""
+
+# Shared by release and recovery (needs _NOW, _UNCOUNT, _FORGET): drop a job's claim; a
+# job still queued or copying goes back to the queue. Its publish record (``publishing``,
+# ``publish_*``) stays: the attempt that held it may have published, so a cancel is still
+# refused and the next attempt looks for that folder before copying. Returns true when
+# the job was requeued; an ended job is scheduled to be forgotten instead.
+_REQUEUE = """
+local function requeue(P, id, key, detail)
+  redis.call('ZREM', P .. ':active', id)
+  redis.call('HDEL', key, 'claim')
+  uncount(P, key)
+  local st = redis.call('HGET', key, 'status')
+  if st == 'TRANSFERRING' or st == 'SUBMITTED' then
+    redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
+    redis.call('RPUSH', P .. ':queue', id)
+    return true
+  end
+  redis.call('HDEL', key, 'publishing')
+  forget_later(P, id, key)
+  return false
 end
 """
 
@@ -181,7 +241,7 @@ return 1
 """
 
 # ARGV: prefix, id, token, status, iso_now, field, value, ... ; returns the status the job ends in, or false
-_FINISH = _UNCOUNT + """
+_FINISH = _NOW + _UNCOUNT + _FORGET + """
 local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return false end
@@ -189,33 +249,33 @@ redis.call('ZREM', P .. ':active', id)
 uncount(P, key)
 redis.call('HDEL', key, 'claim', 'publishing')
 local st = redis.call('HGET', key, 'status')
-if st == 'SUCCESS' or st == 'ERROR' or st == 'CANCELLED' then return st end
+if st == 'SUCCESS' or st == 'ERROR' or st == 'CANCELLED' then
+  forget_later(P, id, key)
+  return st
+end
 redis.call('HSET', key, 'status', status, 'time_' .. string.lower(status), iso)
 for i = 6, #ARGV, 2 do
   redis.call('HSET', key, ARGV[i], ARGV[i + 1])
 end
+forget_later(P, id, key)
 return status
 """
 
-# ARGV: prefix, id, token, detail ; hand a claimed job back to the front of the queue
-_RELEASE = _UNCOUNT + """
+# ARGV: prefix, id, token, detail ; hand a claimed job back to the front of the queue.
+# Returns 1 (handed back), 0 (the claim had moved on) or 2 (refused: the job passed its
+# publish fence and may be published; its holder keeps it and records the result).
+_RELEASE = _NOW + _UNCOUNT + _FORGET + _REQUEUE + """
 local P, id, token, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return 0 end
-redis.call('ZREM', P .. ':active', id)
-uncount(P, key)
-redis.call('HDEL', key, 'claim', 'publishing')
-local st = redis.call('HGET', key, 'status')
-if st == 'TRANSFERRING' or st == 'SUBMITTED' then
-  redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
-  redis.call('RPUSH', P .. ':queue', id)
-end
+if redis.call('HEXISTS', key, 'publishing') == 1 then return 2 end
+requeue(P, id, key, detail)
 return 1
 """
 
 # ARGV: prefix, detail[, id, token] ; requeue jobs whose lease lapsed (or one given job
 # whose holder is known dead); returns {requeued..., '|', ended...}
-_RECOVER = _NOW + _UNCOUNT + """
+_RECOVER = _NOW + _UNCOUNT + _FORGET + _REQUEUE + """
 local P, detail = ARGV[1], ARGV[2]
 local ids
 if ARGV[3] then
@@ -226,17 +286,9 @@ else
 end
 local requeued, ended = {}, {}
 for _, id in ipairs(ids) do
-  local key = P .. ':job:' .. id
-  redis.call('ZREM', P .. ':active', id)
-  redis.call('HDEL', key, 'claim')
-  uncount(P, key)
-  local st = redis.call('HGET', key, 'status')
-  if st == 'TRANSFERRING' or st == 'SUBMITTED' then
-    redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
-    redis.call('RPUSH', P .. ':queue', id)
+  if requeue(P, id, P .. ':job:' .. id, detail) then
     table.insert(requeued, id)
   else
-    redis.call('HDEL', key, 'publishing')
     table.insert(ended, id)
   end
 end
@@ -246,7 +298,7 @@ return requeued
 """
 
 # ARGV: prefix, id, iso_now, detail ; returns OK | NOTFOUND | PUBLISHING | <final status>
-_CANCEL = """
+_CANCEL = _NOW + _FORGET + """
 local P, id, iso, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = P .. ':job:' .. id
 local st = redis.call('HGET', key, 'status')
@@ -259,13 +311,14 @@ redis.call('HDEL', key, 'authcode_hash')
 redis.call('LREM', P .. ':queue', 0, id)
 redis.call('ZREM', P .. ':staging', id)
 if redis.call('HEXISTS', key, 'claim') == 0 then redis.call('ZREM', P .. ':active', id) end
+forget_later(P, id, key)
 return 'OK'
 """
 
 # KEYS: folder key or '' ; ARGV: prefix, id, code_hash, success(0/1), iso_now, field, value, ...
 # A staged job takes the folder key (unless a live job already owns it), so a later
 # /complete_transfer for the same user and folder is a repeat of it.
-_STAGED = """
+_STAGED = _NOW + _FORGET + """
 local P, id, code, success, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
 local st = redis.call('HGET', key, 'status')
@@ -287,16 +340,18 @@ if success == '1' then
     local ost = owner and redis.call('HGET', P .. ':job:' .. owner, 'status')
     if (not ost) or ost == 'ERROR' or ost == 'CANCELLED' then
       redis.call('SET', KEYS[1], id)
+      redis.call('HSET', key, 'folder_key', KEYS[1])
     end
   end
 else
   redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_failed')
+  forget_later(P, id, key)
 end
 return 'OK'
 """
 
 # ARGV: prefix, iso_now ; jobs whose staging deadline passed end in ERROR
-_SWEEP_STAGING = _NOW + """
+_SWEEP_STAGING = _NOW + _FORGET + """
 local P, iso = ARGV[1], ARGV[2]
 local ids = redis.call('ZRANGEBYSCORE', P .. ':staging', '-inf', now)
 local out = {}
@@ -307,16 +362,75 @@ for _, id in ipairs(ids) do
     redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_timeout',
                'detailed_status', 'the stager did not report within ' .. (redis.call('HGET', key, 'staging_timeout') or '?') .. ' seconds')
     redis.call('HDEL', key, 'authcode_hash')
+    forget_later(P, id, key)
     table.insert(out, id)
   end
 end
 return out
 """
 
-# ARGV: prefix, id, timeout_ms
-_ADD_STAGING = _NOW + """
-redis.call('ZADD', ARGV[1] .. ':staging', now + tonumber(ARGV[3]), ARGV[2])
+# KEYS: the watcher's mark ; ARGV: prefix, id, retain_ms ; the mark names the folder's
+# job for as long as that job is kept (its hash records the mark, see _FORGET).
+_WATCHED_DONE = """
+local P, id = ARGV[1], ARGV[2]
+local key = P .. ':job:' .. id
+redis.call('SET', KEYS[1], id)
+if redis.call('EXISTS', key) == 1 then
+  redis.call('HSET', key, 'watched_key', KEYS[1])
+  local ttl = redis.call('PTTL', key)
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
+else
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+end
 return 1
+"""
+
+# ARGV: prefix, max_due, walk, retain_ms ; returns {index entries dropped, jobs scheduled}.
+# (1) Jobs whose retention is up leave the index (``P:jobs``) and ``P:expiring``.
+# (2) A cursor walks ``walk`` entries of ``P:jobs`` per call: an entry whose job is
+#     gone (deleted by hand, or lost) is dropped, and an ended job that has no expiry
+#     (made before retention existed) is scheduled with ``retain_ms``, so every job is
+#     forgotten in time.
+_TRIM = _NOW + _FORGET + """
+local P, max_due, walk, retain = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local jobs, exp = P .. ':jobs', P .. ':expiring'
+local dropped, scheduled = 0, 0
+for _, id in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, max_due)) do
+  local ttl = redis.call('PTTL', P .. ':job:' .. id)
+  if ttl == -2 then
+    redis.call('ZREM', jobs, id)
+    redis.call('ZREM', exp, id)
+    dropped = dropped + 1
+  elseif ttl == -1 then
+    redis.call('ZREM', exp, id)
+  else
+    redis.call('ZADD', exp, now + ttl, id)
+  end
+end
+local cur = tonumber(redis.call('GET', P .. ':trim_cursor') or '0') or 0
+local batch = redis.call('ZRANGE', jobs, cur, cur + walk - 1)
+local kept = 0
+for _, id in ipairs(batch) do
+  local key = P .. ':job:' .. id
+  local ttl = redis.call('PTTL', key)
+  if ttl == -2 then
+    redis.call('ZREM', jobs, id)
+    redis.call('ZREM', exp, id)
+    dropped = dropped + 1
+  else
+    kept = kept + 1
+    if ttl == -1 and redis.call('HEXISTS', key, 'claim') == 0 then
+      local st = redis.call('HGET', key, 'status')
+      if st == 'SUCCESS' or st == 'ERROR' or st == 'CANCELLED' then
+        forget_later(P, id, key, retain)
+        scheduled = scheduled + 1
+      end
+    end
+  end
+end
+if #batch < walk then cur = 0 else cur = cur + kept end
+redis.call('SET', P .. ':trim_cursor', cur)
+return {dropped, scheduled}
 """
 
 
@@ -398,12 +512,15 @@ class Store:
 
     log = Logger()
 
-    def __init__(self, redis, prefix: str = "dtsbridge", timeout: float = 5.0, reactor=None) -> None:
+    def __init__(self, redis, prefix: str = "dtsbridge", timeout: float = 5.0, reactor=None,
+                 retention_s: float = DEFAULT_RETAIN_MS / 1000) -> None:
         if reactor is None:
             from twisted.internet import reactor  # noqa: F811
         self._redis = redis
         self.prefix = prefix
         self.timeout = timeout
+        #: ``[state] retention_days`` in ms: recorded on each job made here (``retain_ms``)
+        self.retain_ms = max(1, int(retention_s * 1000))
         self.reactor = reactor
         self.errors = 0  # Redis errors and timeouts seen (for /metrics)
 
@@ -495,17 +612,19 @@ class Store:
     # -- changing ---------------------------------------------------------
 
     async def create_job(self, job_id: str, fields: dict[str, Any], folder_key: str | None = None,
-                         enqueue: bool = True) -> tuple[bool, str]:
+                         enqueue: bool = True, staging_s: float | None = None) -> tuple[bool, str]:
         """Create a job; with ``folder_key``, join the live job for that folder instead.
 
         Returns ``(created, job_id)``: ``created`` is false when an existing job
-        (queued, staging, running or successful) already owns the folder.
+        (queued, staging, running or successful) already owns the folder. With
+        ``staging_s`` the job (not queued) gets its staging deadline in the same
+        atomic step. A job created already ended (a refused watched folder) is
+        scheduled to be forgotten like any other.
         """
-        r = await self._eval(_CREATE, [folder_key or ""], [job_id, "1" if enqueue else "0", *_flat(fields)])
+        mode = f"staging:{max(1, int(staging_s * 1000))}" if staging_s is not None else ("1" if enqueue else "0")
+        r = await self._eval(_CREATE, [folder_key or ""],
+                             [job_id, mode, *_flat(fields), "retain_ms", str(self.retain_ms)])
         return bool(int(r[0])), r[1]
-
-    async def add_staging(self, job_id: str, timeout_s: float) -> None:
-        await self._eval(_ADD_STAGING, [], [job_id, str(int(timeout_s * 1000))])
 
     async def claim(self, token: str, holder: str, lease_s: float, iso_now: str,
                     per_user_limit: int | None = None) -> str | None:
@@ -531,8 +650,11 @@ class Store:
         r = await self._eval(_FINISH, [], [job_id, token, status, iso_now, *_flat(fields)])
         return r or None
 
-    async def release(self, job_id: str, token: str, detail: str) -> bool:
-        return bool(await self._eval(_RELEASE, [], [job_id, token, detail]))
+    async def release(self, job_id: str, token: str, detail: str) -> str:
+        """Hand a claimed job back to the queue: ``released``, ``lost`` (the claim had moved
+        on) or ``publishing`` (refused: past its publish fence, the holder must finish it)."""
+        r = int(await self._eval(_RELEASE, [], [job_id, token, detail]))
+        return {1: "released", 0: "lost", 2: "publishing"}[r]
 
     async def recover(self, detail: str, job_id: str | None = None, token: str | None = None) -> tuple[list[str], list[str]]:
         """Requeue lapsed leases (or one job whose holder is dead): (requeued, already ended)."""
@@ -564,8 +686,13 @@ class Store:
         return r not in (None, False)
 
     async def watched_done(self, source_rel: str, job_id: str) -> None:
-        """The folder's job exists: keep the mark for good, naming the job."""
-        await self._call(self.redis.set(self._key("watched", source_rel), job_id))
+        """The folder's job exists: the mark names it, and is kept as long as that job is."""
+        await self._eval(_WATCHED_DONE, [self._key("watched", source_rel)], [job_id, str(self.retain_ms)])
+
+    async def trim(self, max_due: int = 1000, walk: int = 200) -> tuple[int, int]:
+        """Drop index entries of forgotten jobs (see :data:`_TRIM`): (dropped, newly scheduled)."""
+        r = await self._eval(_TRIM, [], [str(max_due), str(walk), str(self.retain_ms)])
+        return int(r[0]), int(r[1])
 
     async def unmark_watched(self, source_rel: str) -> None:
         """Give a folder back to the watchers (its job could not be created)."""

@@ -334,7 +334,8 @@ def makeService(options: Options) -> service.IService:
     poolsize = max(10, cfg.max_jobs * 2 + 4)
     # An embedded Redis is connected to once it answers (no storm of refused connects at start).
     store = Store(None if embedded else connect(redis_url, poolsize=poolsize, reactor=reactor),
-                  prefix=cfg.key_prefix, timeout=cfg.redis_timeout, reactor=reactor)
+                  prefix=cfg.key_prefix, timeout=cfg.redis_timeout, reactor=reactor,
+                  retention_s=cfg.retention_seconds)
     bridge = Bridge(cfg, store, run_in_thread, users, reactor=reactor, metrics=metrics, executor=executor)
     if isinstance(authenticator, auth.KBaseAuth):
         metrics.add_counter("dtsbridge_auth_cache_hits", "Token checks answered from the cache",

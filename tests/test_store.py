@@ -82,7 +82,7 @@ async def test_claim_is_fifo_and_skips_ended_jobs(redis_proc: RedisProcess) -> N
         job = await store.get_job(ids[1])
         assert job.status.value == "TRANSFERRING" and job.extra["attempts"] == 1
         # handing a job back puts it first in line again
-        assert await store.release(ids[1], "tok1", "handed back") is True
+        assert await store.release(ids[1], "tok1", "handed back") == "released"
         assert await store.claim("tok4", "h:2", 30, T) == ids[1]
         assert (await store.get_job(ids[1])).extra["attempts"] == 2
     finally:
