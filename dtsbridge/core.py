@@ -477,12 +477,14 @@ class Bridge:
             fields["files_cloned"] = result.files_cloned
             fields["bytes_cloned"] = result.bytes_cloned
             detail += f" ({result.files_cloned} cloned)"
-        if result.manifest_resources or result.size_only:
-            fields["manifest_resources"] = result.manifest_resources
-            fields["manifest_size_only"] = result.size_only
-            detail += f"; manifest: {result.manifest_resources} resources checked"
-            if result.size_only:
-                detail += f", {result.size_only} by size only (no hash given)"
+        if result.has_manifest:
+            fields.update(manifest_resources=result.manifest_resources, manifest_hashed=result.hashed,
+                          manifest_size_only=result.size_only, manifest_unverified=result.unverified)
+            detail += _manifest_detail(result)
+            for check, n in (("hashed", result.hashed), ("size_only", result.size_only),
+                             ("unverified", result.unverified)):
+                if n:
+                    self.metrics.manifest_files.labels(check).inc(n)
         fields["detailed_status"] = detail
         if cfg.delete_source:
             try:
@@ -563,6 +565,18 @@ class Bridge:
             if requeued:
                 self.log.info("job {job_id}: its process {pid} died; back in the queue", job_id=job_id, pid=pid)
         self._claim_soon()
+
+
+def _manifest_detail(result: engine.Result) -> str:
+    """What the manifest check found, for ``detailed_status``; names the unverified files."""
+    detail = (f"; manifest: {result.manifest_resources} resources, {result.hashed} files checked by hash, "
+              f"{result.size_only} by size only (no hash given)")
+    if result.unverified:
+        names = ", ".join(result.unverified_names)
+        more = result.unverified - len(result.unverified_names)
+        detail += (f", {result.unverified} unverified (an S3 multipart ETag that no likely part size "
+                   f"matches; checked by size): {names}" + (f" and {more} more" if more > 0 else ""))
+    return detail
 
 
 def _pid_alive(pid: int) -> bool:

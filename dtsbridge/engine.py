@@ -15,7 +15,8 @@ Twisted.  Every path that comes from a request or a manifest is untrusted:
 
 Speed, by design (see docs/performance.md): each source chunk is read once
 into a reused buffer, written and hashed while it is there (xxh3-128 by
-default; the manifest's own hash in the same pass when it gives one), then the
+default; the manifest's own hash in the same pass when it gives one, an S3
+multipart ETag for each likely part size), then the
 whole copy is read back and hashed again; big files go to threads, largest
 first; batches of small files go to a few worker processes
 (``CopyOptions.processes``, started once through a ``forkserver``), because
@@ -97,8 +98,10 @@ __all__ = [
     "copy_tree",
     "ensure_dir",
     "find_published",
+    "etag_part_sizes",
     "normalize_relpath",
     "open_beneath",
+    "read_manifest_username",
     "remove_source",
     "resolve_source",
     "scan",
@@ -112,6 +115,8 @@ log = logging.getLogger(__name__)
 CHUNK = 256 * 1024
 MANIFEST_NAME = "manifest.json"
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
+#: A job's result names at most this many files whose multipart ETag could not be verified.
+UNVERIFIED_NAMES = 10
 MAX_NAME_TRIES = 10000
 PROGRESS_STEP = 1024 * 1024
 #: Permission bits a copied file or folder may keep: the owner's and group's rwx and
@@ -338,7 +343,13 @@ class CopyOptions:
 
 @attrs.frozen
 class Result:
-    """A published copy."""
+    """A published copy.
+
+    With a manifest (``has_manifest``): ``hashed`` files were checked by a hash it
+    gives, ``size_only`` resources by size alone (no hash), and ``unverified``
+    files carry a multipart ETag that no likely part size matched (checked by size;
+    ``unverified_names`` lists the first :data:`UNVERIFIED_NAMES` of them).
+    """
 
     name: str
     files: int
@@ -350,6 +361,10 @@ class Result:
     #: Files (and their bytes) cloned with FICLONE instead of copied.
     files_cloned: int = 0
     bytes_cloned: int = 0
+    has_manifest: bool = False
+    hashed: int = 0
+    unverified: int = 0
+    unverified_names: tuple[str, ...] = ()
 
 
 # --------------------------------------------------------------------------
@@ -940,6 +955,95 @@ def _bad_manifest(msg: str) -> TransferError:
     return TransferError(MANIFEST_MISMATCH, f"manifest.json: {msg}")
 
 
+#: The pseudo-algorithm of an S3 multipart ETag (``<32 hex>-<parts>``) in :attr:`Manifest.hashes`.
+ETAG = "s3etag"
+_ETAG_RE = re.compile(r"([0-9a-f]{32})-([1-9][0-9]{0,4})")
+#: The most parts an S3 multipart upload may have.
+ETAG_MAX_PARTS = 10_000
+MiB = 1024 * 1024
+#: Part sizes in common use, in the order they are tried: 8 MiB (AWS CLI and boto3's
+#: default) first, then other tools' defaults, then boto3's doublings of 8 MiB (what it
+#: switches to when a file would need more than 10,000 parts).
+ETAG_COMMON_PART_MIB = (8, 5, 15, 16, 64, 100, 32, 128, 256, 512, 1024, 2048, 4096)
+#: At most this many part sizes are tried for one ETag (each costs one md5 state in the read pass).
+ETAG_MAX_CANDIDATES = 12
+
+
+def etag_part_sizes(size: int, parts: int) -> list[int]:
+    """Part sizes (bytes) an S3 upload of ``size`` bytes in ``parts`` parts may have used, likeliest first.
+
+    The sizes in common use that give exactly ``parts`` parts, then the whole-MiB sizes
+    that do (smallest first: a tool splitting a file evenly rounds up); a size the
+    part count rules out is never tried.  At most :data:`ETAG_MAX_CANDIDATES`.
+    """
+    if parts < 1 or parts > ETAG_MAX_PARTS or size < 0:
+        return []
+    if parts == 1:  # every part size >= size gives the same ETag: md5 of the file's md5
+        return [max(size, 1)]
+    if size < parts:  # not enough bytes for that many non-empty parts
+        return []
+
+    def fits(ps: int) -> bool:
+        return ps > 0 and -(-size // ps) == parts
+
+    out: list[int] = []
+    for mib in ETAG_COMMON_PART_MIB:
+        if fits(mib * MiB):
+            out.append(mib * MiB)
+    # ceil(size / ps) == parts  <=>  size/parts <= ps <= (size-1)/(parts-1)
+    lo = -(-(-(-size // parts)) // MiB)
+    hi = (size - 1) // (parts - 1) // MiB
+    m = max(lo, 1)
+    while m <= hi and len(out) < ETAG_MAX_CANDIDATES:
+        if m * MiB not in out and fits(m * MiB):
+            out.append(m * MiB)
+        m += 1
+    return out[:ETAG_MAX_CANDIDATES]
+
+
+class _ETagCheck:
+    """Checks an S3 multipart ETag in the copy's single read pass.
+
+    One md5 state per candidate part size (see :func:`etag_part_sizes`): it hashes
+    the part being read, and at each part boundary its 16-byte digest is kept and
+    the state starts again.  At the end, the md5 of the kept digests, ``-<parts>``,
+    is compared with the manifest's; any candidate matching verifies the file.
+    """
+
+    __slots__ = ("want", "parts", "cands")
+
+    def __init__(self, etag: str, size: int) -> None:
+        hexd, _, n = etag.partition("-")
+        self.want = hexd
+        self.parts = int(n)
+        # [part size, bytes in the current part, md5 state, digests so far]
+        self.cands = [[ps, 0, hashlib.md5(), bytearray()] for ps in etag_part_sizes(size, self.parts)]
+
+    def update(self, chunk: memoryview) -> None:
+        n = len(chunk)
+        for c in self.cands:
+            ps, filled, h, digests = c
+            off = 0
+            while off < n:
+                take = min(n - off, ps - filled)
+                h.update(chunk[off:off + take] if take != n else chunk)
+                filled += take
+                off += take
+                if filled == ps:
+                    digests += h.digest()
+                    h = c[2] = hashlib.md5()
+                    filled = 0
+            c[1] = filled
+
+    def matches(self) -> bool:
+        for ps, filled, h, digests in self.cands:
+            if filled or not digests:
+                digests = digests + h.digest()
+            if len(digests) // 16 == self.parts and hashlib.md5(digests).hexdigest() == self.want:
+                return True
+        return False
+
+
 def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
     if value is None or value == "":
         return None
@@ -951,6 +1055,11 @@ def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
         algo = {"sha3224": "sha3_224", "sha3256": "sha3_256", "sha3384": "sha3_384", "sha3512": "sha3_512"}.get(algo, algo)
     else:
         algo, hexd = "md5", value
+        etag = _ETAG_RE.fullmatch(value.strip().lower())
+        if etag is not None:
+            if int(etag.group(2)) > ETAG_MAX_PARTS:
+                raise _bad_manifest(f"hash of {path!r} is an S3 ETag of more than {ETAG_MAX_PARTS} parts")
+            return ETAG, etag.group(0)
     hexd = hexd.strip().lower()
     if algo not in _MANIFEST_ALGOS:
         raise _bad_manifest(f"unknown hash algorithm {algo!r} for {path!r}")
@@ -959,53 +1068,138 @@ def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
     return algo, hexd
 
 
+_JSON = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _load_manifest(dirfd: int, ino: int | None = None) -> str:
+    """The text of ``manifest.json`` in ``dirfd`` (a regular file, one link; the scan's inode when given).
+
+    Reads at most :data:`MANIFEST_MAX_BYTES` (+1, to tell a bigger one), whatever its
+    size says, and refuses a parse bomb before anything is parsed.  Only the text is
+    kept (the bytes are dropped once decoded).
+    """
+    try:
+        fd = open_beneath(dirfd, MANIFEST_NAME, _SRC_FLAGS)
+    except OSError as exc:
+        raise TransferError(SOURCE_CHANGED, f"manifest.json cannot be opened: {exc.strerror}") from None
+    with _fd(fd):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (ino is not None and st.st_ino != ino) or st.st_nlink > 1:
+            raise TransferError(SOURCE_CHANGED if ino is not None else UNSAFE_ENTRY,
+                                "manifest.json changed during the scan" if ino is not None
+                                else "manifest.json is not a regular file with one link")
+        if st.st_size > MANIFEST_MAX_BYTES:
+            raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
+        buf = bytearray()
+        while len(buf) <= MANIFEST_MAX_BYTES:
+            b = os.read(fd, min(4 * 1024 * 1024, MANIFEST_MAX_BYTES + 1 - len(buf)) or 1)
+            if not b:
+                break
+            buf += b
+    if len(buf) > MANIFEST_MAX_BYTES:
+        raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
+    # A parse bomb ("[[],[],…": one container every 3 bytes) costs ~30x its size in
+    # memory. A real manifest has an object or two per resource of a few hundred
+    # bytes: refuse anything denser than 1 per 16 bytes.
+    containers = buf.count(b"[") + buf.count(b"{")
+    if containers > len(buf) // 16 + 10_000:
+        raise _bad_manifest(f"holds {containers} JSON objects and lists in {len(buf)} bytes; not a manifest")
+    try:
+        return buf.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise _bad_manifest(f"not valid JSON ({exc})") from None
+
+
+def _walk_manifest(text: str, on_resource: Callable[[int, Any], None]) -> dict[str, Any]:
+    """Parse a manifest's top-level object, handing each element of ``resources`` to ``on_resource`` as it is read.
+
+    Streaming: the resources are decoded one at a time (``raw_decode``) and dropped
+    once handled, so the cost in memory is the text and one resource, not the
+    whole document as Python objects (a 64 MiB manifest would take ~10x that); and
+    the parse is many short steps, never one long call that holds the GIL.
+    Returns the other top-level members and ``resources`` as the count of
+    resources.  Bad JSON, nesting too deep, no object, no ``resources`` list:
+    ``manifest_mismatch``.
+    """
+    ws = _WS.match
+    decode = _JSON.raw_decode
+    out: dict[str, Any] = {}
+    try:
+        i = ws(text, 0).end()
+        if text[i:i + 1] != "{":
+            decode(text, i)  # tells bad JSON (or nesting too deep) from JSON that is no object
+            raise _bad_manifest("not a JSON object")
+        i = ws(text, i + 1).end()
+        count = None
+        if text[i:i + 1] == "}":
+            i += 1
+        else:
+            while True:
+                if text[i:i + 1] != '"':
+                    raise ValueError(f"expected a member name at char {i}")
+                key, i = json.decoder.scanstring(text, i + 1)
+                i = ws(text, i).end()
+                if text[i:i + 1] != ":":
+                    raise ValueError(f"expected ':' at char {i}")
+                i = ws(text, i + 1).end()
+                if key == "resources" and text[i:i + 1] == "[":
+                    if count is not None:
+                        raise _bad_manifest("'resources' is given twice")
+                    count = 0
+                    i = ws(text, i + 1).end()
+                    if text[i:i + 1] == "]":
+                        i += 1
+                    else:
+                        while True:
+                            res, i = decode(text, i)
+                            on_resource(count, res)
+                            count += 1
+                            i = ws(text, i).end()
+                            c = text[i:i + 1]
+                            i = ws(text, i + 1).end()
+                            if c == "]":
+                                break
+                            if c != ",":
+                                raise ValueError(f"expected ',' or ']' at char {i}")
+                    out[key] = count
+                else:
+                    value, i = decode(text, i)
+                    if key == "resources":
+                        raise _bad_manifest("'resources' is missing or not a list")
+                    out[key] = value
+                i = ws(text, i).end()
+                c = text[i:i + 1]
+                i = ws(text, i + 1).end()
+                if c == "}":
+                    break
+                if c != ",":
+                    raise ValueError(f"expected ',' or '}}' at char {i}")
+        if ws(text, i).end() != len(text):
+            raise ValueError(f"extra data at char {i}")
+    except RecursionError:  # "[[[[…" nested past the interpreter's limit: not a manifest
+        raise _bad_manifest("nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, a number too long to convert, …
+        raise _bad_manifest(f"not valid JSON ({exc})") from None
+    if count is None:
+        raise _bad_manifest("'resources' is missing or not a list")
+    return out
+
+
 def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
     entry = files.get(MANIFEST_NAME)
     if entry is None:
         return None
     if entry.size > MANIFEST_MAX_BYTES:
         raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
-    try:
-        fd = open_beneath(srcfd, MANIFEST_NAME, _SRC_FLAGS)
-    except OSError as exc:
-        raise TransferError(SOURCE_CHANGED, f"manifest.json cannot be opened: {exc.strerror}") from None
-    with _fd(fd):
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_ino != entry.ino or st.st_nlink > 1:
-            raise TransferError(SOURCE_CHANGED, "manifest.json changed during the scan")
-        chunks = []
-        size = 0
-        while size <= MANIFEST_MAX_BYTES:
-            b = os.read(fd, CHUNK)
-            if not b:
-                break
-            chunks.append(b)
-            size += len(b)
-        data = b"".join(chunks)
-    if len(data) > MANIFEST_MAX_BYTES:
-        raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
-    # A parse bomb ("[[],[],…": one container every 3 bytes) costs ~30x its size in
-    # memory and holds the GIL while it parses. A real manifest has an object or two
-    # per resource of a few hundred bytes: refuse anything denser than 1 per 16 bytes.
-    containers = data.count(b"[") + data.count(b"{")
-    if containers > len(data) // 16 + 10_000:
-        raise _bad_manifest(f"holds {containers} JSON objects and lists in {len(data)} bytes; not a manifest")
-    if not data:
+    text = _load_manifest(srcfd, entry.ino)
+    if not text:
         return Manifest(resources=0, size_only=0, hashes={})
-    try:
-        doc = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise _bad_manifest(f"not valid JSON ({exc})") from None
-    except RecursionError:  # "[[[[…" nested past the interpreter's limit: not a manifest
-        raise _bad_manifest("nested too deeply") from None
-    if not isinstance(doc, dict):
-        raise _bad_manifest("not a JSON object")
-    resources = doc.get("resources")
-    if not isinstance(resources, list):
-        raise _bad_manifest("'resources' is missing or not a list")
-    hashes: dict[str, list[tuple[str, str]]] = {}
+    hashes: dict[str, Any] = {}
     size_only = 0
-    for i, res in enumerate(resources):
+
+    def on_resource(i: int, res: Any) -> None:
+        nonlocal size_only
         if not isinstance(res, dict):
             raise _bad_manifest(f"resource #{i} is not an object")
         raw = res.get("path")
@@ -1029,12 +1223,41 @@ def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
         h = _parse_hash(res.get("hash"), raw)
         if h is None:
             size_only += 1
-        else:
-            lst = hashes.setdefault(path, [])
-            if h not in lst:
-                lst.append(h)
-    return Manifest(resources=len(resources), size_only=size_only,
-                    hashes={k: tuple(v) for k, v in hashes.items()})
+            return
+        old = hashes.get(path)
+        if old is None:
+            hashes[path] = (h,)
+        elif h not in old:
+            hashes[path] = old + (h,)
+
+    doc = _walk_manifest(text, on_resource)
+    del text
+    return Manifest(resources=doc["resources"], size_only=size_only, hashes=hashes)
+
+
+def read_manifest_username(dts_root: str, rel: str) -> str | None:
+    """The ``username`` that the ``manifest.json`` of folder ``rel`` (below dts_root) names, or None.
+
+    The same reader as the copy's (size bound, parse-bomb and nesting guards,
+    streaming parse), without checking the resources against the folder (the job
+    does).  A 0-byte manifest names nobody.  A manifest that cannot be parsed
+    raises :class:`TransferError` (``manifest_mismatch``); a folder or manifest
+    that cannot be opened safely raises it with the opening's reason.
+    """
+    rel = normalize_relpath(rel)
+    if not rel:
+        raise TransferError(BAD_REQUEST, "the folder names the DTS area itself")
+    try:
+        with _fd(_open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
+            with _fd(_open_source_dir(rootfd, rel)) as dirfd:
+                text = _load_manifest(dirfd)
+    except OSError as exc:
+        raise _as_transfer_error(exc, "reading manifest.json failed") from None
+    if not text:
+        return None
+    doc = _walk_manifest(text, lambda i, res: None)
+    user = doc.get("username")
+    return user if isinstance(user, str) and user else None
 
 
 def scan(dts_root: str, source: Source, max_bytes: int | None = None) -> Plan:
@@ -1081,6 +1304,9 @@ class _Job:
         self.files_done = 0
         self.bytes_done = 0
         self.hashes = plan.manifest.hashes if plan.manifest else {}
+        self.hashed = 0  # files checked by a manifest hash
+        self.unverified = 0  # files whose only manifest hash is an ETag no part size matched
+        self.unverified_names: list[str] = []
         self.faults_fired: set[str] = set()
         self.faults = bool(os.environ.get("DTSBRIDGE_FAULT_PAUSE"))
         self.owner = None if options.uid is None and options.gid is None else (
@@ -1107,6 +1333,15 @@ class _Job:
             raise TransferError(CANCELLED, "stopped because another file failed")
         if self.should_stop():
             raise TransferError(CANCELLED, "cancelled")
+
+    def checked(self, hashed: int, unverified: int, names: list[str] | tuple[str, ...]) -> None:
+        """Count files checked against the manifest's hashes (and those no ETag candidate matched)."""
+        with self.lock:
+            self.hashed += hashed
+            self.unverified += unverified
+            room = UNVERIFIED_NAMES - len(self.unverified_names)
+            if room > 0:
+                self.unverified_names.extend(names[:room])
 
     def progress(self, nbytes: int, files: int) -> None:
         with self.lock:
@@ -1268,8 +1503,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     size = st.st_size
     checksum = job.options.checksum
     main = _new_hash(checksum)
-    wanted = job.hashes.get(rel, ())
-    extra = [hashlib.new(algo) for algo, _ in wanted]
+    wanted, extra = _manifest_hashers(job, rel, size)
     buf = _buffer()
     blen = len(buf)
     total = 0
@@ -1301,10 +1535,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     st2 = os.fstat(sfd)
     if total != entry.size or st2.st_size != size or st2.st_mtime_ns != st.st_mtime_ns:
         raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was copied")
-    for h, (algo, hexd) in zip(extra, wanted):
-        if h.hexdigest() != hexd:
-            raise TransferError(MANIFEST_MISMATCH,
-                                f"manifest.json: {algo} of {rel!r} is {h.hexdigest()}, the manifest says {hexd}")
+    _check_manifest_hashes(job, rel, wanted, extra)
     job.fault_once("verify")
     # Read the whole copy back (asking for one byte more than written, so a longer file shows).
     check = _new_hash(checksum)
@@ -1322,6 +1553,36 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
         raise TransferError(CHECKSUM_MISMATCH, f"the copy of {rel!r} does not match its source")
     _finish_file(job, dfd, st, exact)
     return pending
+
+
+def _manifest_hashers(job: _Job, rel: str, size: int) -> tuple[tuple[tuple[str, str], ...], list[Any]]:
+    """The manifest's hashes for ``rel`` and one hasher for each (fed in the same read pass)."""
+    wanted = job.hashes.get(rel, ())
+    return wanted, [_ETagCheck(hexd, size) if algo == ETAG else hashlib.new(algo) for algo, hexd in wanted]
+
+
+def _check_manifest_hashes(job: _Job, rel: str, wanted: tuple[tuple[str, str], ...], extra: list[Any]) -> None:
+    """Compare what was read with the manifest's hashes and count the file as hashed or unverified.
+
+    A hash that differs fails the job, except a multipart ETag: one that no likely
+    part size matches is no sign of corruption (the part size is unknown), so the
+    file counts as unverified (it was checked by size).
+    """
+    if not wanted:
+        return
+    verified = False
+    for h, (algo, hexd) in zip(extra, wanted):
+        if algo == ETAG:
+            verified = verified or h.matches()
+        elif h.hexdigest() != hexd:
+            raise TransferError(MANIFEST_MISMATCH,
+                                f"manifest.json: {algo} of {rel!r} is {h.hexdigest()}, the manifest says {hexd}")
+        else:
+            verified = True
+    if verified:
+        job.checked(1, 0, ())
+    else:
+        job.checked(0, 1, (rel,))
 
 
 def _finish_file(job: _Job, dfd: int, st: os.stat_result, exact: bool) -> None:
@@ -1348,8 +1609,7 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
         raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was cloned")
     job.fault_once("copy")
     main = _new_hash(job.options.checksum)
-    wanted = job.hashes.get(rel, ())
-    extra = [hashlib.new(algo) for algo, _ in wanted]
+    wanted, extra = _manifest_hashers(job, rel, size)
     buf = _buffer()
     blen = len(buf)
     off = 0
@@ -1372,10 +1632,7 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
             break
     if off != size:
         raise TransferError(CHECKSUM_MISMATCH, f"the clone of {rel!r} does not match its source")
-    for h, (algo, hexd) in zip(extra, wanted):
-        if h.hexdigest() != hexd:
-            raise TransferError(MANIFEST_MISMATCH,
-                                f"manifest.json: {algo} of {rel!r} is {h.hexdigest()}, the manifest says {hexd}")
+    _check_manifest_hashes(job, rel, wanted, extra)
     job.fault_once("verify")
     job.cloned(size)
     _finish_file(job, dfd, st, exact)
@@ -1652,8 +1909,9 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
                  options: CopyOptions, dev: int) -> tuple[Any, ...]:
     """In a worker process: copy one batch.
 
-    Answers ``("ok", files, bytes, files_cloned, bytes_cloned, reflink)`` (``reflink``:
-    whether cloning still seems possible) or ``("error", reason, message)``.
+    Answers ``("ok", files, bytes, files_cloned, bytes_cloned, reflink, hashed, unverified,
+    unverified names)`` (``reflink``: whether cloning still seems possible; ``hashed``,
+    ``unverified``: see :meth:`_Job.checked`) or ``("error", reason, message)``.
     """
     try:
         srcfd, tmpfd = _worker_dirs(where)
@@ -1662,13 +1920,15 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
         job = _Job(srcfd, tmpfd, dev, plan, options, lambda files, nbytes: None, lambda: False)
         job.faults = False
         _copy_batch(job, batch)
-        return ("ok", job.files_done, job.bytes_done, job.files_cloned, job.bytes_cloned, job.reflink)
+        return ("ok", job.files_done, job.bytes_done, job.files_cloned, job.bytes_cloned, job.reflink,
+                job.hashed, job.unverified, tuple(job.unverified_names))
     except TransferError as exc:  # not picklable as is: sent as its parts
         return ("error", exc.reason, exc.message)
 
 
 def _worker_result(job: _Job, result: tuple[Any, ...]) -> BaseException | None:
     if result[0] == "ok":
+        job.checked(result[6], result[7], result[8])
         job.progress(result[2], result[1])
         job.cloned(result[4], result[3])
         if not result[5]:
@@ -1775,7 +2035,9 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
     m = plan.manifest
     return Result(name=final, files=plan.files, bytes=plan.bytes,
                   size_only=m.size_only if m else 0, manifest_resources=m.resources if m else 0,
-                  ino=tmp_id[1], dev=tmp_id[0], files_cloned=job.files_cloned, bytes_cloned=job.bytes_cloned)
+                  ino=tmp_id[1], dev=tmp_id[0], files_cloned=job.files_cloned, bytes_cloned=job.bytes_cloned,
+                  has_manifest=m is not None, hashed=job.hashed, unverified=job.unverified,
+                  unverified_names=tuple(job.unverified_names))
 
 
 def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:

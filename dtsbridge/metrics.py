@@ -24,6 +24,10 @@ class Metrics:
                                        buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800))
         self.requests = Counter("dtsbridge_http_requests", "HTTP requests answered, by route and code",
                                 ["route", "code"], registry=r)
+        self.manifest_files = Counter("dtsbridge_manifest_files",
+                                      "Files of published jobs by how their manifest checked them: hashed, "
+                                      "size_only (no hash given) or unverified (a multipart ETag no part size matched)",
+                                      ["check"], registry=r)
         self.in_flight = Gauge("dtsbridge_jobs_in_flight", "Copies running in this process", registry=r)
         self._sources: list = []
         r.register(_Callbacks(self._sources))

@@ -60,7 +60,8 @@ SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "
                            "publish_files", "publish_bytes", "publishing", "active_user",
                            "retain_ms", "watched_key"})
 INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
-                        "manifest_resources", "manifest_size_only", "attempts", "files_cloned", "bytes_cloned"})
+                        "manifest_resources", "manifest_size_only", "manifest_hashed", "manifest_unverified",
+                        "attempts", "files_cloned", "bytes_cloned"})
 BOOL_FIELDS = frozenset({"stager_success", "async", "source_deleted"})
 
 

@@ -60,6 +60,8 @@ def spec(version: str) -> dict[str, Any]:
         "staging_timeout": _INT,
         "manifest_resources": _INT,
         "manifest_size_only": _INT,
+        "manifest_hashed": _INT,
+        "manifest_unverified": _INT,
         "attempts": _INT,
         "files_cloned": _INT,
         "bytes_cloned": _INT,
