@@ -6,7 +6,11 @@ two levels below ``dts_root`` (never following a link), notes each
 ``manifest.json`` with its size and mtime, and when one has not changed for
 ``settle_seconds`` it queues the same job ``/complete_transfer`` would, for the
 manifest's ``username`` (or, if the manifest names none, the ``<username>``
-folder of the DTS layout).
+folder of the DTS layout). In that layout, a manifest naming another user than
+its ``<username>`` folder delivers nothing (an ERROR job, ``manifest_mismatch``).
+The manifest is read by the copy engine's reader (size bound, parse-bomb and
+nesting guards, streaming parse, in the thread pool): one that cannot be parsed
+gives its folder one ERROR job.
 
 Exactly once per folder, across processes: the folder is taken with
 ``SET NX`` in Redis before the job is queued (a mark that expires after five
@@ -19,7 +23,6 @@ cannot be used fails its job with a reason; it never stops the watcher.
 
 from __future__ import annotations
 
-import json
 import os
 import stat
 import time
@@ -37,7 +40,6 @@ from dtsbridge.model import Status, now_iso
 from dtsbridge.store import StoreUnavailable
 
 MANIFEST = "manifest.json"
-MAX_MANIFEST = 64 * 1024 * 1024
 
 
 def find_manifests(dts_root: str) -> dict[str, tuple[int, int]]:
@@ -77,25 +79,8 @@ def find_manifests(dts_root: str) -> dict[str, tuple[int, int]]:
     return out
 
 
-def manifest_username(dts_root: str, rel: str) -> str | None:
-    """The ``username`` a folder's manifest names, or None if it names none or cannot be read."""
-    try:
-        fd = engine.open_beneath(os.open(dts_root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC),
-                                 f"{rel}/{MANIFEST}", os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (OSError, errors.TransferError):
-        return None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST:
-            return None
-        with os.fdopen(os.dup(fd), "rb") as f:
-            data = json.loads(f.read() or b"{}")
-        user = data.get("username") if isinstance(data, dict) else None
-        return user if isinstance(user, str) and user else None
-    except (OSError, ValueError, UnicodeDecodeError):
-        return None
-    finally:
-        os.close(fd)
+class _Later(Exception):
+    """The folder cannot be taken now (it moved meanwhile); a later pass looks again."""
 
 
 class WatchService(Service):
@@ -178,10 +163,23 @@ class WatchService(Service):
             return None if mark.startswith("taking:") else False
         if not await store.mark_watched(rel, self.bridge.holder):
             return None
-        user = await self.run_in_thread(manifest_username, self.cfg.dts_root, rel)
-        if user is None and "/" in rel:
-            user = rel.split("/", 1)[0]  # the DTS layout: <username>/dts-<uuid>
+        parts = rel.split("/")
+        # The DTS layout, <username>/dts-<uuid>: the folder says whose transfer it is.
+        folder_user = parts[0] if len(parts) == 2 and parts[1].startswith("dts-") else None
+        user = folder_user or ""
         try:
+            try:
+                named = await self.run_in_thread(engine.read_manifest_username, self.cfg.dts_root, rel)
+            except errors.TransferError as e:
+                if e.reason in (errors.SOURCE_NOT_FOUND, errors.SOURCE_CHANGED):
+                    raise _Later() from None  # the folder or manifest moved meanwhile: look again next pass
+                # Cannot be parsed (bad JSON, nested too deep, a parse bomb) or read: one ERROR job.
+                raise RequestError(400, e.message, reason=e.reason) from None
+            if folder_user is not None and named is not None and named != folder_user:
+                raise RequestError(400, f"manifest.json names user {named!r}, but the folder is in "
+                                        f"{folder_user!r}'s DTS folder; nothing delivered",
+                                   reason=errors.MANIFEST_MISMATCH)
+            user = named or user
             if not user:
                 raise RequestError(400, "the manifest names no username", reason=errors.MANIFEST_MISMATCH)
             job, created = await self.bridge.submit(user, rel, "watcher", kind="watch")
@@ -192,12 +190,14 @@ class WatchService(Service):
             await store.watched_done(rel, job_id)
             self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
                           msg=e.message, job_id=job_id)
-        except BaseException:
+        except BaseException as e:
             # Not a refusal (Redis away, shutting down): let a later pass, here or elsewhere, try again.
             try:
                 await store.unmark_watched(rel)
             except StoreUnavailable:
                 pass
+            if isinstance(e, _Later):
+                return None
             raise
         return True
 

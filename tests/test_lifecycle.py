@@ -592,14 +592,22 @@ def test_watch_settling_and_bad_manifest(bridges) -> None:
     s = watched_job(b, missing_rel, {"SUCCESS", "ERROR"})
     assert s["status"] == "ERROR" and s["reason"] == "manifest_mismatch", s
 
-    # the manifest's username decides whose datastore gets the folder
-    bob_rel, bob_src = dts_transfer(b.dts_root, manifest=False)
+    # in alice's DTS folder, a manifest naming bob delivers nothing (issue 10)
+    mixed_rel, mixed_src = dts_transfer(b.dts_root, manifest=False)
+    (mixed_src / "manifest.json").write_bytes(manifest_for(mixed_src, "bob", "t-bob"))
+    s = watched_job(b, mixed_rel, {"SUCCESS", "ERROR"})
+    assert s["status"] == "ERROR" and s["reason"] == "manifest_mismatch", s
+    assert not (b.user_root / "bob" / mixed_rel.split("/")[1]).exists()
+    assert not (b.user_root / "alice" / mixed_rel.split("/")[1]).exists()
+    # outside that layout (a folder right below dts_root) the manifest's username decides
+    bob_rel = f"dts-{uuid.uuid4()}"
+    bob_src = make_tree(b.dts_root / bob_rel, {"for-bob.txt": b"bob\n"})
     (bob_src / "manifest.json").write_bytes(manifest_for(bob_src, "bob", "t-bob"))
     s = wait_for(lambda: [j for j in json.loads(b.call("GET", "/jobs?user=bob", token=DTS_TOKEN).body)["jobs"]
                           if j["subdirectory"] == bob_rel and j["status"] in ("SUCCESS", "ERROR")],
                  60, "the job for bob")[0]
     assert s["status"] == "SUCCESS" and s["target_user"] == "bob", s
-    assert tree_of(b.user_root / "bob" / bob_rel.split("/")[1]) == tree_of(bob_src)
+    assert tree_of(b.user_root / "bob" / bob_rel) == tree_of(bob_src)
 
     good_rel, good = dts_transfer(b.dts_root)
     s = watched_job(b, good_rel, {"SUCCESS", "ERROR"})
@@ -625,7 +633,7 @@ def test_watch_settling_and_bad_manifest(bridges) -> None:
     b.start()
     time.sleep(3)  # several passes of the new watcher
     assert sorted(p.name for p in (b.user_root / "alice").iterdir()) == before
-    for r_ in (rel, bad_rel, missing_rel, good_rel, top_rel, empty_rel):
+    for r_ in (rel, bad_rel, missing_rel, mixed_rel, good_rel, top_rel, empty_rel):
         assert len(jobs_for(b, "alice", r_)) == 1, r_
     assert leftovers(b.user_root) == []
 

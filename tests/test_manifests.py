@@ -291,3 +291,99 @@ def test_unverified_files_named_up_to_ten(services) -> None:
     assert (st["manifest_hashed"], st["manifest_size_only"], st["manifest_unverified"]) == (0, 1, 12), st
     named = re.findall(r"objs/o\d\d\.bin", st["detailed_status"])
     assert len(named) == 10 and "2 more" in st["detailed_status"], st["detailed_status"]
+
+
+def watched(b: DtsBridge, rel: str, timeout: float = 90) -> dict[str, Any]:
+    def find() -> dict[str, Any] | None:
+        js = [j for j in jobs(b) if j.get("subdirectory") == rel and j["status"] in ("SUCCESS", "ERROR")]
+        return js[0] if js else None
+    return wait_until(find, timeout, f"a finished watcher job for {rel}", b.log_tail, 0.2)
+
+
+@pytest.mark.timeout(300)
+def test_dts_transfers_through_the_watcher(services) -> None:
+    b = services(WATCH)
+    s3, odd = s3_transfer(b.dts_root)
+    jdp = jdp_transfer(b.dts_root)
+    # payload first; the folder is not taken before its manifest is there
+    time.sleep(1.5)
+    assert [j for j in jobs(b) if j.get("subdirectory") == jdp.rel] == []
+    jdp.finish()
+    nmdc = nmdc_transfer(b.dts_root).finish()
+    empty = Transfer(b.dts_root, "alice").finish()
+    for t in (s3, jdp, nmdc, empty):
+        st = watched(b, t.rel)
+        check_done(b, st, t)
+        assert st["submitter"] == "watcher" and "manifest_hashed" in st, st
+    assert watched(b, s3.rel)["manifest_unverified"] == 1 and odd in watched(b, s3.rel)["detailed_status"]
+    assert watched(b, jdp.rel)["manifest_hashed"] == 3
+    # a later /complete_transfer for one of them is a repeat
+    r = b.complete("alice", jdp.rel)
+    assert r.status == 200 and r.json()["job_id"] == watched(b, jdp.rel)["job_id"], r
+
+
+@pytest.mark.timeout(300)
+def test_watcher_refuses_manifests_it_cannot_trust(services) -> None:
+    b = services(WATCH)
+    # in alice's DTS folder, a manifest naming bob: nothing is delivered to anyone
+    other = jdp_transfer(b.dts_root, "alice").finish(username="bob")
+    bad = {}
+    for kind, body in {"bad-json": b'{"username": "alice", "resources": [',
+                       "deep": b"[" * 200_000 + b"]" * 200_000,
+                       "deep-in-object": b'{"username": "alice", "resources": [' + b'{"a":' * 200_000 + b"1"
+                                         + b"}" * 200_000 + b"]}",
+                       "bomb": b"[" + b"[]," * 3_000_000 + b"[]]"}.items():
+        t = Transfer(b.dts_root, "alice")
+        t.put("x.txt", b"x")
+        bad[kind] = t.finish(body=body)
+    good = jdp_transfer(b.dts_root).finish()
+    st = watched(b, other.rel)
+    assert st["status"] == "ERROR" and st["reason"] == "manifest_mismatch", st
+    assert "bob" in st["detailed_status"], st
+    for kind, t in bad.items():
+        st = watched(b, t.rel)
+        assert st["status"] == "ERROR" and st["reason"] == "manifest_mismatch", (kind, st)
+        assert st["submitter"] == "watcher"
+    check_done(b, watched(b, good.rel), good)
+    time.sleep(2)  # several more passes: each folder keeps its one job
+    all_jobs = jobs(b)
+    for t in (other, *bad.values()):
+        assert len([j for j in all_jobs if j.get("subdirectory") == t.rel]) == 1, t.rel
+    assert not (b.user_root / "bob").exists() or os.listdir(b.user_root / "bob") == []
+    assert sorted(os.listdir(b.user_root / "alice")) == [good.rel.split("/")[1]]
+    log = b.log_text()
+    assert "Unhandled" not in log and "Traceback" not in log, log[-3000:]
+    assert leftovers(b.user_root) == []
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+@pytest.mark.timeout(400)
+def test_watch_mode_descriptors_stay_flat(services) -> None:
+    """Issue 9 item 1: reading a manifest's username leaked the dts_root descriptor, one per folder."""
+    b = services(WATCH | {"copy": {"max_jobs": "4"}})
+    assert b.proc is not None
+
+    def batch(n: int) -> list[Transfer]:
+        ts = []
+        for _ in range(n):
+            t = Transfer(b.dts_root, "alice")
+            t.jdp("img/submissions/1/x.fna", b"ACGT")
+            ts.append(t.finish())
+        return ts
+
+    def all_done(ts: list[Transfer]) -> bool:
+        rels = {t.rel for t in ts}
+        return len([j for j in jobs(b) if j.get("subdirectory") in rels and j["status"] == "SUCCESS"]) == len(ts)
+
+    warm = batch(20)
+    wait_until(lambda: all_done(warm), 120, "the first 20 folders", b.log_tail, 0.5)
+    time.sleep(1)
+    before = open_fds(b.proc.pid)
+    more = batch(300)
+    wait_until(lambda: all_done(more), 300, "300 more folders", b.log_tail, 0.5)
+    time.sleep(1)
+    after = open_fds(b.proc.pid)
+    assert after - before < 10, f"{before} descriptors before 300 watched folders, {after} after"
