@@ -365,6 +365,9 @@ class Result:
     hashed: int = 0
     unverified: int = 0
     unverified_names: tuple[str, ...] = ()
+    #: Files (and their bytes) kept from an earlier attempt's temporary folder (``resume_from``).
+    files_resumed: int = 0
+    bytes_resumed: int = 0
 
 
 # --------------------------------------------------------------------------
@@ -1317,6 +1320,12 @@ class _Job:
         self.reflink = options.reflink == "auto" and _same_fs(srcfd, tmpfd)
         self.files_cloned = 0
         self.bytes_cloned = 0
+        #: Where verified files are recorded: the job's journal (main process), or a list
+        #: sent back to it (worker processes); None: not recorded.
+        self.journal: _Journal | None = None
+        self.records: list[tuple[Any, ...]] | None = None
+        self.files_resumed = 0
+        self.bytes_resumed = 0
 
     def fault_once(self, name: str) -> None:
         """Test-only: :func:`_fault_point` the first time this job reaches ``name``."""
@@ -1353,6 +1362,25 @@ class _Job:
         with self.lock:
             self.files_cloned += files
             self.bytes_cloned += nbytes
+
+    def verified(self, entry: _FileEntry, dfd: int, st: os.stat_result, digest: str, checked: str) -> None:
+        """Record a file completely written, verified and owned (for a later attempt to keep).
+
+        ``checked``: what the manifest's hashes said (see :func:`_check_manifest_hashes`).
+        """
+        rec = (entry.rel, st.st_size, os.fstat(dfd).st_ino, st.st_ino, st.st_mtime_ns, digest,
+               _manifest_words(self.hashes.get(entry.rel, ())), checked)
+        if self.records is not None:
+            self.records.append(rec)
+        elif self.journal is not None:
+            self.journal_add([rec])
+
+    def journal_add(self, recs: list[tuple[Any, ...]]) -> None:
+        if self.journal is None:
+            return
+        self.journal.add(recs)
+        if self.faults and 2 * self.journal.recorded >= self.plan.bytes:
+            self.fault_once("half")
 
 
 def _same_fs(srcfd: int, tmpfd: int) -> bool:
@@ -1535,7 +1563,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     st2 = os.fstat(sfd)
     if total != entry.size or st2.st_size != size or st2.st_mtime_ns != st.st_mtime_ns:
         raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was copied")
-    _check_manifest_hashes(job, rel, wanted, extra)
+    checked = _check_manifest_hashes(job, rel, wanted, extra)
     job.fault_once("verify")
     # Read the whole copy back (asking for one byte more than written, so a longer file shows).
     check = _new_hash(checksum)
@@ -1552,6 +1580,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     if off != total or check.digest() != main.digest():
         raise TransferError(CHECKSUM_MISMATCH, f"the copy of {rel!r} does not match its source")
     _finish_file(job, dfd, st, exact)
+    job.verified(entry, dfd, st, main.hexdigest(), checked)
     return pending
 
 
@@ -1561,15 +1590,16 @@ def _manifest_hashers(job: _Job, rel: str, size: int) -> tuple[tuple[tuple[str, 
     return wanted, [_ETagCheck(hexd, size) if algo == ETAG else hashlib.new(algo) for algo, hexd in wanted]
 
 
-def _check_manifest_hashes(job: _Job, rel: str, wanted: tuple[tuple[str, str], ...], extra: list[Any]) -> None:
+def _check_manifest_hashes(job: _Job, rel: str, wanted: tuple[tuple[str, str], ...], extra: list[Any]) -> str:
     """Compare what was read with the manifest's hashes and count the file as hashed or unverified.
 
     A hash that differs fails the job, except a multipart ETag: one that no likely
     part size matches is no sign of corruption (the part size is unknown), so the
-    file counts as unverified (it was checked by size).
+    file counts as unverified (it was checked by size).  Returns ``"hashed"``,
+    ``"unverified"`` or ``""`` (the manifest gives no hash), for the journal.
     """
     if not wanted:
-        return
+        return ""
     verified = False
     for h, (algo, hexd) in zip(extra, wanted):
         if algo == ETAG:
@@ -1581,8 +1611,9 @@ def _check_manifest_hashes(job: _Job, rel: str, wanted: tuple[tuple[str, str], .
             verified = True
     if verified:
         job.checked(1, 0, ())
-    else:
-        job.checked(0, 1, (rel,))
+        return "hashed"
+    job.checked(0, 1, (rel,))
+    return "unverified"
 
 
 def _finish_file(job: _Job, dfd: int, st: os.stat_result, exact: bool) -> None:
@@ -1632,10 +1663,11 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
             break
     if off != size:
         raise TransferError(CHECKSUM_MISMATCH, f"the clone of {rel!r} does not match its source")
-    _check_manifest_hashes(job, rel, wanted, extra)
+    checked = _check_manifest_hashes(job, rel, wanted, extra)
     job.fault_once("verify")
     job.cloned(size)
     _finish_file(job, dfd, st, exact)
+    job.verified(entry, dfd, st, main.hexdigest(), checked)
     return pending
 
 
@@ -1687,13 +1719,14 @@ def _copy_batch(job: _Job, batch: list[_FileEntry]) -> None:
             job.progress(pending, done)
 
 
-def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _Where | None = None) -> None:
-    """Copy every file, in parallel; the first error stops the others and is raised.
+def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _Where | None = None,
+               files: list[_FileEntry] | None = None) -> None:
+    """Copy every file (or those of ``files``), in parallel; the first error stops the others and is raised.
 
     Batches of small files go to the worker processes when ``where`` is given
     and the pool is up; everything else to the thread ``executor``.
     """
-    files = list(job.plan.file_list)
+    files = list(job.plan.file_list) if files is None else files
     workers = max(1, job.options.workers)
     procs = _worker_pool(job.options.processes) if where is not None and not job.faults else None
     own: concurrent.futures.ThreadPoolExecutor | None = None
@@ -1753,6 +1786,274 @@ def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _
             concurrent.futures.wait(inflight)
         if own is not None:
             own.shutdown(wait=True)
+
+
+# --------------------------------------------------------------------------
+# Resuming after a crash
+#
+# Each verified file is recorded, as the copy goes, in an append-only journal
+# inside the job's own temporary folder (mode 0700, owned by the service, so
+# nobody else can reach it).  A line is written only once its file is
+# completely written, verified and owned.  With ``fsync`` on, every
+# CHECKPOINT_BYTES of recorded data the filesystem is synced (``syncfs``, the
+# same call that precedes publishing, brought forward) and a checkpoint line
+# says how many records that sync made durable.  A later attempt of the same
+# job (after a crash) is told which folder the previous attempt made (the
+# caller's own record: name, device, inode) and moves into its new folder
+# every file that still checks out: same size, inode, owner, mode and time as
+# recorded, from a source file that is unchanged since (inode, size, mtime),
+# and the same hash when reading it is cheap (small files) or when the data
+# may not have reached the disk (records after the last checkpoint).
+# Everything else is copied again; nothing in the old folder is trusted
+# because of its name.
+
+#: The journal's name, at the top of the temporary folder (a source holding an
+#: entry of that name at its top gets no journal: it cannot be resumed).
+JOURNAL_NAME = ".dtsbridge-journal"
+JOURNAL_MAX_BYTES = 512 * 1024 * 1024
+#: With ``fsync``, the filesystem is synced and a checkpoint recorded every this many journaled bytes.
+CHECKPOINT_BYTES = 1024 * 1024 * 1024
+_JOURNAL_VERSION = 1
+
+
+class _Journal:
+    """The append-only record of a job's verified files (main process only; thread-safe)."""
+
+    def __init__(self, dirfd: int, checksum: str, fsync: bool) -> None:
+        self.dirfd = dirfd
+        self.fd: int | None = os.open(JOURNAL_NAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL
+                                      | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=dirfd)
+        self.fsync = fsync
+        self.lock = threading.Lock()
+        self.sync_lock = threading.Lock()
+        self.lines = 0  # records written
+        self.recorded = 0  # their bytes
+        self.unsynced = 0
+        self._write([{"v": _JOURNAL_VERSION, "checksum": checksum}])
+
+    def _write(self, objs: list[dict[str, Any]]) -> None:
+        if self.fd is None:
+            return
+        data = "".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs).encode()
+        _write_all(self.fd, memoryview(data))  # O_APPEND: one write per call, never interleaved
+
+    def add(self, recs: list[tuple[Any, ...]]) -> None:
+        if not recs:
+            return
+        objs = [{"p": rel, "s": size, "i": ino, "si": sino, "m": mtime, "h": digest, "mh": mh, "mr": mr}
+                for rel, size, ino, sino, mtime, digest, mh, mr in recs]
+        with self.lock:
+            self._write(objs)
+            self.lines += len(objs)
+            nbytes = sum(r[1] for r in recs)
+            self.recorded += nbytes
+            self.unsynced += nbytes
+            due = self.fsync and self.unsynced >= CHECKPOINT_BYTES
+            if due:
+                self.unsynced = 0
+        if due:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        """syncfs, then record that every line written before it is on disk with its file's data."""
+        if not self.sync_lock.acquire(blocking=False):
+            return  # another thread is at it
+        try:
+            with self.lock:
+                upto = self.lines
+            _syncfs(self.dirfd)
+            with self.lock:
+                self._write([{"c": upto}])
+        except OSError as exc:  # the final syncfs will report it; a resume just hashes more
+            log.warning("journal checkpoint failed: %s", exc)
+        finally:
+            self.sync_lock.release()
+
+    def close(self) -> None:
+        with self.lock:
+            fd, self.fd = self.fd, None
+        _close(fd)
+
+
+def _manifest_words(wanted: Any) -> list[str]:
+    """The manifest hashes a file was checked against, as ``algorithm:hex`` words."""
+    return sorted(f"{algo}:{hexd}" for algo, hexd in wanted)
+
+
+@attrs.frozen
+class _Record:
+    size: int
+    ino: int
+    src_ino: int
+    mtime_ns: int
+    digest: str
+    durable: bool
+    manifest: frozenset[str] = frozenset()
+    checked: str = ""
+
+
+def _read_journal(dirfd: int, checksum: str) -> dict[str, _Record]:
+    """The verified files an earlier attempt recorded in ``dirfd`` (empty when unusable)."""
+    try:
+        fd = os.open(JOURNAL_NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dirfd)
+    except OSError:
+        return {}
+    with _fd(fd):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.geteuid() or st.st_nlink != 1 \
+                or st.st_size > JOURNAL_MAX_BYTES:
+            return {}
+        chunks = []
+        while True:
+            b = os.read(fd, 1024 * 1024)
+            if not b:
+                break
+            chunks.append(b)
+    lines = b"".join(chunks).split(b"\n")
+    raw: list[tuple[str, tuple[int, int, int, int, str], frozenset[str], str]] = []
+    durable_upto = 0
+    for i, line in enumerate(lines):
+        try:
+            o = json.loads(line)
+        except ValueError:  # e.g. the last line, cut by the crash
+            continue
+        if not isinstance(o, dict):
+            continue
+        if i == 0:
+            if o.get("v") != _JOURNAL_VERSION or o.get("checksum") != checksum:
+                return {}
+            continue
+        if "c" in o:
+            if isinstance(o["c"], int):
+                durable_upto = max(durable_upto, o["c"])
+            continue
+        try:
+            rel, size, ino, sino, mtime, digest, mh, mr = (o["p"], o["s"], o["i"], o["si"], o["m"], o["h"],
+                                                           o["mh"], o["mr"])
+        except KeyError:
+            continue
+        if isinstance(rel, str) and isinstance(digest, str) and isinstance(mh, list) and isinstance(mr, str) and all(
+                isinstance(x, int) and not isinstance(x, bool) for x in (size, ino, sino, mtime)):
+            raw.append((rel, (size, ino, sino, mtime, digest), frozenset(w for w in mh if isinstance(w, str)), mr))
+    out: dict[str, _Record] = {}
+    for n, (rel, (size, ino, sino, mtime, digest), mh, mr) in enumerate(raw):
+        out[rel] = _Record(size, ino, sino, mtime, digest, durable=n < durable_upto, manifest=mh, checked=mr)
+    return out
+
+
+def _hash_fd(fd: int, size: int, checksum: str, job: _Job) -> str | None:
+    """Hash a file of ``size`` bytes; None if it holds another number of bytes."""
+    h = _new_hash(checksum)
+    buf = _buffer()
+    off = 0
+    while True:
+        job.check_stop()
+        want = min(len(buf), size + 1 - off)
+        n = os.preadv(fd, [buf[:want]], off)
+        if n:
+            h.update(buf[:n])
+            off += n
+        if n < want or off > size:
+            break
+    return h.hexdigest() if off == size else None
+
+
+def _salvage(job: _Job, parentfd: int, old: tuple[str, int, int]) -> set[str]:
+    """Move the still-good verified files of an earlier attempt's folder into this attempt's; their paths.
+
+    The old folder must be the very one recorded (device and inode), a real
+    folder owned by the service with mode 0700 (as made, never yet given to
+    the user: nobody else could have entered it).  Each kept file is checked
+    (see the section comment) through a descriptor opened without following
+    links, then renamed into the same place in the new folder
+    (``RENAME_NOREPLACE``) and recorded in the new journal.  A file that does
+    not check out is left where it is (the caller removes the old folder) and
+    copied again.
+    """
+    name, dev, ino = old
+    if not isinstance(name, str) or not name.startswith(".dtsbridge-") or "/" in name:
+        return set()
+    try:
+        oldfd = os.open(name, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=parentfd)
+    except OSError:
+        return set()
+    kept: set[str] = set()
+    with _fd(oldfd):
+        st = os.fstat(oldfd)
+        if ((st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
+                or stat.S_IMODE(st.st_mode) != 0o700):
+            log.warning("not resuming from %s: it is not the folder recorded, or not ours alone", name)
+            return set()
+        records = _read_journal(oldfd, job.options.checksum)
+        if not records:
+            return set()
+        want_uid = os.geteuid() if job.options.uid is None else job.options.uid
+        want_gid = job.options.gid
+        entries = sorted((f for f in job.plan.file_list if f.rel in records), key=lambda f: f.rel)
+        olddirs: dict[str, int | None] = {}
+        newdirs: dict[str, int] = {}
+        moved: list[tuple[Any, ...]] = []
+        try:
+            for f in entries:
+                job.check_stop()
+                r = records[f.rel]
+                if (r.size, r.src_ino, r.mtime_ns) != (f.size, f.ino, f.mtime_ns):
+                    continue  # the source changed since: copy it again
+                mh = _manifest_words(job.hashes.get(f.rel, ()))
+                if mh != sorted(r.manifest) or (mh and r.checked not in ("hashed", "unverified")):
+                    continue  # checked against other manifest hashes than today's
+                parent, _, fname = f.rel.rpartition("/")
+                if parent not in olddirs:
+                    try:
+                        olddirs[parent] = open_beneath(oldfd, parent, _DIR_FLAGS | os.O_NONBLOCK)
+                    except OSError:
+                        olddirs[parent] = None
+                odir = olddirs[parent]
+                if odir is None:
+                    continue
+                try:
+                    fd = os.open(fname, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=odir)
+                except OSError:
+                    continue
+                with _fd(fd):
+                    fst = os.fstat(fd)
+                    if (not stat.S_ISREG(fst.st_mode) or fst.st_nlink != 1 or fst.st_dev != dev
+                            or fst.st_ino != r.ino or fst.st_size != f.size or fst.st_mtime_ns != f.mtime_ns
+                            or fst.st_uid != want_uid or (want_gid is not None and fst.st_gid != want_gid)
+                            or stat.S_IMODE(fst.st_mode) != f.mode & MODE_MASK):
+                        continue
+                    if (not r.durable or f.size <= CHUNK) and _hash_fd(fd, f.size, job.options.checksum, job) != r.digest:
+                        log.warning("resume: %r does not match its record; copying it again", f.rel)
+                        continue
+                    if parent not in newdirs:
+                        newdirs[parent] = open_beneath(job.tmpfd, parent, _DIR_FLAGS)
+                    ndir = newdirs[parent]
+                    try:
+                        _renameat2(odir, fname, ndir, fname, RENAME_NOREPLACE)
+                    except OSError as exc:
+                        log.warning("resume: cannot move %r: %s", f.rel, exc)
+                        continue
+                    if os.stat(fname, dir_fd=ndir, follow_symlinks=False).st_ino != r.ino:
+                        raise TransferError(UNSAFE_DESTINATION, f"{f.rel!r} changed while it was moved")
+                kept.add(f.rel)
+                moved.append((f.rel, f.size, r.ino, f.ino, f.mtime_ns, r.digest, mh, r.checked))
+                if r.checked == "hashed":
+                    job.checked(1, 0, ())
+                elif r.checked == "unverified":
+                    job.checked(0, 1, (f.rel,))
+                job.files_resumed += 1
+                job.bytes_resumed += f.size
+                if len(moved) >= 256:
+                    job.journal_add(moved)
+                    moved = []
+        finally:
+            job.journal_add(moved)
+            for fd in (*olddirs.values(), *newdirs.values()):
+                _close(fd)
+    if kept:
+        job.progress(job.bytes_resumed, job.files_resumed)
+        log.info("resumed %d files (%d bytes) from %s", job.files_resumed, job.bytes_resumed, name)
+    return kept
 
 
 # --------------------------------------------------------------------------
@@ -1910,8 +2211,9 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
     """In a worker process: copy one batch.
 
     Answers ``("ok", files, bytes, files_cloned, bytes_cloned, reflink, hashed, unverified,
-    unverified names)`` (``reflink``: whether cloning still seems possible; ``hashed``,
-    ``unverified``: see :meth:`_Job.checked`) or ``("error", reason, message)``.
+    unverified names, records)`` (``reflink``: whether cloning still seems possible; ``hashed``,
+    ``unverified``: see :meth:`_Job.checked`; ``records``: the verified files, for the
+    job's journal) or ``("error", reason, message)``.
     """
     try:
         srcfd, tmpfd = _worker_dirs(where)
@@ -1919,9 +2221,10 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
         plan = Plan(files=len(batch), bytes=0, dirs=0, manifest=manifest)
         job = _Job(srcfd, tmpfd, dev, plan, options, lambda files, nbytes: None, lambda: False)
         job.faults = False
+        job.records = []
         _copy_batch(job, batch)
         return ("ok", job.files_done, job.bytes_done, job.files_cloned, job.bytes_cloned, job.reflink,
-                job.hashed, job.unverified, tuple(job.unverified_names))
+                job.hashed, job.unverified, tuple(job.unverified_names), job.records)
     except TransferError as exc:  # not picklable as is: sent as its parts
         return ("error", exc.reason, exc.message)
 
@@ -1933,6 +2236,7 @@ def _worker_result(job: _Job, result: tuple[Any, ...]) -> BaseException | None:
         job.cloned(result[4], result[3])
         if not result[5]:
             job.reflink = False
+        job.journal_add(result[9])
         return None
     return TransferError(result[1], result[2])
 
@@ -1954,12 +2258,19 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
               on_progress: Callable[[int, int], None] = lambda files_done, bytes_done: None,
               should_stop: Callable[[], bool] = lambda: False,
               before_publish: Callable[[str, int, int], bool] = lambda tmpname, dev, ino: True,
-              executor: concurrent.futures.Executor | None = None) -> Result:
+              executor: concurrent.futures.Executor | None = None,
+              resume_from: tuple[str, int, int] | None = None) -> Result:
     """Copy ``source`` into ``user_root/dest_parts.../<name>``, verified, owned, published atomically.
 
     ``dest_parts[0]`` (the user's folder) must exist; later components are
     created when missing.  Raises TransferError on any failure, after removing
     the temporary folder.
+
+    ``resume_from`` (``name, device, inode``) names an earlier attempt's
+    temporary folder beside this one (the caller knows it from its own
+    record): the files its journal lists as verified, and that still check
+    out, are moved into this attempt's folder instead of being copied again
+    (see :func:`_salvage`).  That folder itself is left for the caller to remove.
     """
     tmpname = _temp_name(job_id, attempt)
     _new_hash(options.checksum)  # validate early
@@ -1974,6 +2285,7 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
 
     rootfd = srcfd = parentfd = tmpfd = None
     tmp_id: tuple[int, int] | None = None
+    job: _Job | None = None
     try:
         # (1) re-resolve the source, (2-3) scan and read the manifest.
         rootfd = _open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")
@@ -1985,18 +2297,28 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
         # (4) destination parent, (5) our temp folder.
         parentfd = _walk_dest(user_root, list(dest_parts), options.uid, options.gid, 1)
         tmpfd, tmp_id = _make_temp(parentfd, tmpname)
-        # (6) folders, then files in parallel.
+        # (6) folders, then files in parallel (less those kept from an earlier attempt).
         job = _Job(srcfd, tmpfd, plan.dev, plan, options, on_progress, should_stop)
         for d in sorted(plan.dir_list, key=lambda d: d.rel.count("/")):
             parent, _, dname = d.rel.rpartition("/")
             with _fd(open_beneath(tmpfd, parent, _DIR_FLAGS)) as pfd:
                 os.mkdir(dname, 0o700, dir_fd=pfd)
+        journaled = not any(f.rel == JOURNAL_NAME for f in plan.file_list) and not any(
+            d.rel == JOURNAL_NAME for d in plan.dir_list)
+        kept: set[str] = set()
+        if journaled:
+            job.journal = _Journal(tmpfd, options.checksum, options.fsync)
+            if resume_from is not None:
+                kept = _salvage(job, parentfd, resume_from)
         where = None
         if options.processes > 0:
             sst = os.fstat(srcfd)
             where = _Where(dts_root, rel, (sst.st_dev, sst.st_ino), user_root, tuple(dest_parts), tmpname, tmp_id)
-        _run_files(job, executor, where)
+        _run_files(job, executor, where, [f for f in plan.file_list if f.rel not in kept])
         job.check_stop()
+        if job.journal is not None:  # its work is done: it must not be published
+            job.journal.close()
+            os.unlink(JOURNAL_NAME, dir_fd=tmpfd)
         # (7) folder modes, owners and times, deepest first; the top one last.
         for d in sorted(plan.dir_list, key=lambda d: -d.rel.count("/")):
             with _fd(open_beneath(tmpfd, d.rel, _DIR_FLAGS)) as dfd:
@@ -2018,6 +2340,8 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
             if parentfd is not None and tmp_id is not None:
                 _remove_temp(parentfd, tmpname, tmp_id, tmpfd)
         finally:  # never leak the descriptors, whatever the removal raised
+            if job is not None and job.journal is not None:
+                job.journal.close()
             for fd in (tmpfd, parentfd, srcfd, rootfd):
                 _close(fd)
         if not isinstance(exc, Exception):
@@ -2037,7 +2361,8 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
                   size_only=m.size_only if m else 0, manifest_resources=m.resources if m else 0,
                   ino=tmp_id[1], dev=tmp_id[0], files_cloned=job.files_cloned, bytes_cloned=job.bytes_cloned,
                   has_manifest=m is not None, hashed=job.hashed, unverified=job.unverified,
-                  unverified_names=tuple(job.unverified_names))
+                  unverified_names=tuple(job.unverified_names),
+                  files_resumed=job.files_resumed, bytes_resumed=job.bytes_resumed)
 
 
 def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:

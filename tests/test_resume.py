@@ -1,0 +1,255 @@
+"""Resume after a crash (issue 13): a re-attempt keeps what the previous one had verified, and only that.
+
+Engine tests crash a real copy: a child process runs ``engine.copy_tree`` with
+the test hook ``DTSBRIDGE_FAULT_PAUSE=half:…`` (it pauses once the journal has
+recorded half the job's bytes) and is killed with SIGKILL there.  The next
+attempt is given the dead attempt's folder (name, device, inode) and must
+keep exactly the recorded files that still check out: moved, not copied
+(same inodes), and everything else copied again.  End-to-end tests do the
+same to a real ``twistd`` and count what the restarted process wrote
+(``/proc/<pid>/io``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dtsbridge import engine
+from dtsbridge.engine import CopyOptions, Source
+from tests.harness import REPO, leftovers, make_tree, tree_of, wait_until
+from tests.test_engine import JOB, Env, env  # noqa: F401  (shared fixture)
+
+MiB = 1024 * 1024
+
+CHILD = """
+import sys, json
+from dtsbridge import engine
+a = json.loads(sys.argv[1])
+engine.CHECKPOINT_BYTES = a["checkpoint"] or engine.CHECKPOINT_BYTES
+engine.copy_tree(a["dts"], engine.Source(a["rel"], a["rel"].rsplit("/", 1)[-1]), a["users"], ["alice"],
+                 a["job"], "1", engine.CopyOptions(workers=1, processes=0, fsync=a["fsync"], uid=a["uid"],
+                 gid=a["gid"]))
+"""
+
+
+def payload(n: int = 12, size: int = 700_000) -> dict[str, Any]:
+    """Files of one size (so 'half the bytes' is half the files), nested, plus a few small ones."""
+    tree: dict[str, Any] = {f"f{i:02d}.bin": os.urandom(size) for i in range(n)}
+    tree["sub"] = {f"s{i}.txt": os.urandom(1000 + i) for i in range(3)}
+    return tree
+
+
+def crash_half_way(env: Env, rel: str = "alice/dts-1", fsync: bool = False, uid: int | None = None,
+                   gid: int | None = None, checkpoint: int | None = None) -> tuple[str, int, int]:
+    """Copy in a child process, SIGKILL it once half the bytes are verified; the dead attempt's folder."""
+    args = {"dts": str(env.dts), "rel": rel, "users": str(env.users), "job": JOB, "fsync": fsync,
+            "uid": uid, "gid": gid, "checkpoint": checkpoint}
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("DTSBRIDGE_")}
+    environ.update(DTSBRIDGE_FAULT_PAUSE="half:60", PYTHONPATH=str(REPO))
+    p = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(args)], env=environ, stderr=subprocess.PIPE)
+    try:
+        assert p.stderr is not None
+        line = p.stderr.readline()
+        assert b"fault point half reached" in line, line + p.stderr.read()
+    finally:
+        p.send_signal(signal.SIGKILL)
+        p.wait()
+    name = engine._temp_name(JOB, "1")
+    st = os.stat(env.alice / name)
+    return name, st.st_dev, st.st_ino
+
+
+def journal(env: Env, name: str) -> list[dict[str, Any]]:
+    lines = (env.alice / name / engine.JOURNAL_NAME).read_text().splitlines()
+    return [json.loads(x) for x in lines[1:] if x and "p" in json.loads(x)]
+
+
+def inodes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.stat().st_ino for p in root.rglob("*") if p.is_file()}
+
+
+def resume(env: Env, old: tuple[str, int, int] | None, **kw: Any) -> engine.Result:
+    kw.setdefault("options", CopyOptions(fsync=False))
+    return env.copy(attempt="2", resume_from=old, **kw)
+
+
+# ---------------------------------------------------------------------------
+
+
+def test_resume_keeps_verified_files_and_copies_the_rest(env: Env) -> None:
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    files = tree_of(src)
+    old = crash_half_way(env)
+    recorded = journal(env, old[0])
+    assert 0 < len(recorded) < len(files)
+    old_inodes = inodes(env.alice / old[0])
+    r = resume(env, old)
+    dst = env.alice / "dts-1"
+    assert tree_of(dst) == files
+    kept = {rec["p"] for rec in recorded}
+    assert r.files_resumed == len(kept) and r.bytes_resumed == sum(len(files[p]) for p in kept)
+    assert 2 * r.bytes_resumed >= sum(len(d) for d in files.values()) - 2 * 700_000
+    new_inodes = inodes(dst)
+    for p in kept:  # moved, not copied
+        assert new_inodes[p] == old_inodes[p], p
+    assert engine.JOURNAL_NAME not in os.listdir(dst)
+    # The old folder still holds what was not kept (the caller removes it by its record).
+    assert set(tree_of(env.alice / old[0])) == ({engine.JOURNAL_NAME} | (set(old_inodes) - kept - {engine.JOURNAL_NAME}))
+
+
+def test_kept_files_that_do_not_check_out_are_copied_again(env: Env) -> None:
+    """Corrupted (same size and time), changed at the source, or replaced by another file: never trusted."""
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    old = crash_half_way(env)
+    kept = sorted(rec["p"] for rec in journal(env, old[0]))
+    assert len(kept) >= 4
+    oldroot = env.alice / old[0]
+    # 1. a byte flipped in a kept copy, size and mtime restored
+    victim = oldroot / kept[0]
+    st = victim.stat()
+    with open(victim, "r+b") as f:
+        f.seek(1000)
+        b = f.read(1)
+        f.seek(1000)
+        f.write(bytes([b[0] ^ 1]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    # 2. the source of another one rewritten since the crash
+    (src / kept[1]).write_bytes(os.urandom(700_000))
+    # 3. a third one replaced by a new file with other content of the same size, mode and time
+    #    (the filesystem may well give it the freed inode number)
+    third = oldroot / kept[2]
+    st3 = third.stat()
+    third.unlink()
+    third.write_bytes(os.urandom(st3.st_size))
+    os.chmod(third, st3.st_mode & 0o777)
+    os.utime(third, ns=(st3.st_atime_ns, st3.st_mtime_ns))
+    # 4. a file not in the source planted in the old folder; the journal is left as it was
+    (oldroot / "planted.txt").write_bytes(b"not from the source")
+    r = resume(env, old)
+    dst = env.alice / "dts-1"
+    assert tree_of(dst) == tree_of(src)
+    assert r.files_resumed == len(kept) - 3
+
+
+def test_a_folder_not_the_recorded_one_is_never_adopted(env: Env) -> None:
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    name, dev, ino = crash_half_way(env)
+    assert resume(env, (name, dev, ino + 1)).files_resumed == 0  # another inode: a look-alike
+    os.chmod(env.alice / name, 0o755)  # once others could enter it, nothing in it is trusted
+    assert resume(env, (name, dev, ino)).files_resumed == 0
+    os.chmod(env.alice / name, 0o700)
+    os.chown(env.alice / name, 1000, 1000)  # not ours
+    assert resume(env, (name, dev, ino)).files_resumed == 0
+    for d in ("dts-1", "dts-1-1", "dts-1-2"):
+        assert tree_of(env.alice / d) == tree_of(src)
+
+
+def test_owner_and_mode_are_checked(env: Env) -> None:
+    """With [ownership] fixed, a kept file must still have that owner; with another owner it is copied again."""
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    old = crash_half_way(env, uid=1234, gid=5678)
+    kept = sorted(rec["p"] for rec in journal(env, old[0]))
+    os.chown(env.alice / old[0] / kept[0], 1234, 1)
+    os.chmod(env.alice / old[0] / kept[1], 0o600)
+    r = resume(env, old, options=CopyOptions(fsync=False, uid=1234, gid=5678))
+    assert r.files_resumed == len(kept) - 2
+    dst = env.alice / "dts-1"
+    assert tree_of(dst) == tree_of(src)
+    assert {(p.stat().st_uid, p.stat().st_gid) for p in dst.rglob("*")} == {(1234, 5678)}
+
+
+@pytest.mark.parametrize("checkpoint", [None, 1])
+def test_durable_records_and_hashing(env: Env, monkeypatch: pytest.MonkeyPatch, checkpoint: int | None) -> None:
+    """Kept files are re-hashed unless their record is durable (a later syncfs checkpoint) and they are big.
+
+    Without a checkpoint (the dead attempt synced nothing) every kept file is
+    read and hashed again; with one after each file, only the small ones are.
+    """
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    old = crash_half_way(env, fsync=True, checkpoint=checkpoint)
+    marks = [json.loads(x) for x in (env.alice / old[0] / engine.JOURNAL_NAME).read_text().splitlines()[1:]]
+    assert any("c" in m for m in marks) == (checkpoint is not None)
+    hashed: list[int] = []
+    real = engine._hash_fd
+    monkeypatch.setattr(engine, "_hash_fd", lambda fd, size, *a: hashed.append(size) or real(fd, size, *a))
+    r = resume(env, old, options=CopyOptions(fsync=True))
+    assert r.files_resumed > 0
+    assert tree_of(env.alice / "dts-1") == tree_of(src)
+    if checkpoint is None:
+        assert len(hashed) == r.files_resumed
+    else:  # the last record may come after the last checkpoint
+        assert all(size <= engine.CHUNK for size in hashed[:-1])
+        assert len(hashed) < r.files_resumed
+
+
+def test_journal_checkpoints_are_read(tmp_path: Path) -> None:
+    d = tmp_path / "t"
+    d.mkdir(mode=0o700)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        j = engine._Journal(fd, "xxh3", fsync=True)
+        j.add([("a", 5, 1, 2, 3, "h1", [], "")])
+        j.checkpoint()
+        j.add([("b", 5, 4, 5, 6, "h2", ["md5:00"], "hashed")])
+        j.close()
+        with open(d / engine.JOURNAL_NAME, "ab") as f:
+            f.write(b'{"p":"c","s":1,')  # a line cut by a crash
+        recs = engine._read_journal(fd, "xxh3")
+        assert set(recs) == {"a", "b"}
+        assert recs["a"].durable and not recs["b"].durable
+        assert recs["b"].manifest == frozenset({"md5:00"})
+        assert engine._read_journal(fd, "sha256") == {}  # another checksum: nothing usable
+    finally:
+        os.close(fd)
+
+
+def test_source_with_a_journal_named_entry_is_copied_without_journal(env: Env) -> None:
+    src = make_tree(env.dts / "alice" / "dts-1", {engine.JOURNAL_NAME: b"mine\n", "a.txt": b"a"})
+    r = env.copy(options=CopyOptions(fsync=False))
+    assert tree_of(env.alice / r.name) == tree_of(src)
+
+
+def test_manifest_hashes_must_have_been_checked(env: Env) -> None:
+    """A kept file counts only if it was checked against every hash the (current) manifest gives it."""
+    tree = payload()
+    src = make_tree(env.dts / "alice" / "dts-1", tree)
+    old = crash_half_way(env)
+    kept = sorted(rec["p"] for rec in journal(env, old[0]))
+    data = (src / kept[0]).read_bytes()
+    (src / "manifest.json").write_text(json.dumps({"resources": [
+        {"path": kept[0], "bytes": len(data), "hash": hashlib.md5(data).hexdigest()}]}))
+    r = resume(env, old)
+    assert r.files_resumed == len(kept) - 1
+    assert tree_of(env.alice / "dts-1") == tree_of(src)
+
+
+def test_no_leftovers_after_a_resumed_copy_fails(env: Env) -> None:
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    old = crash_half_way(env)
+    (src / "manifest.json").write_text("{not json")
+    with pytest.raises(engine.TransferError):
+        resume(env, old)
+    assert sorted(os.listdir(env.alice)) == [old[0]]  # only the old folder, for the caller to remove
+
+
+def test_kept_files_count_as_checked_by_the_manifest(env: Env) -> None:
+    """Files kept from the dead attempt were checked against the manifest then: they still count as hashed."""
+    src = make_tree(env.dts / "alice" / "dts-1", payload())
+    files = tree_of(src)
+    (src / "manifest.json").write_text(json.dumps({"resources": [
+        {"path": p, "bytes": len(d), "hash": hashlib.md5(d).hexdigest()} for p, d in files.items()]}))
+    old = crash_half_way(env)
+    r = resume(env, old)
+    assert r.files_resumed > 0
+    assert r.hashed == len(files) and r.unverified == 0
+    assert tree_of(env.alice / "dts-1") == tree_of(src)
