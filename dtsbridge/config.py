@@ -21,7 +21,8 @@ class ConfigError(Exception):
 # Every key the service knows, with its default. Keys not listed here are
 # refused, so a typo is caught at startup instead of silently ignored.
 DEFAULTS: dict[str, dict[str, str]] = {
-    "server": {"listen": "tcp:8080:interface=127.0.0.1", "public_url": "", "log_format": "text"},
+    "server": {"listen": "tcp:8080:interface=127.0.0.1", "public_url": "", "log_format": "text",
+               "read_timeout_seconds": "20"},
     "redis": {"url": "embedded", "timeout_seconds": "5", "key_prefix": "dtsbridge"},
     "state": {"dir": "../var/state", "retention_days": "30"},
     "paths": {
@@ -104,6 +105,8 @@ class Config:
     watch_interval: float
     watch_settle: float
     drain_grace: float
+    #: seconds a client has to send a whole request (headers and body); 0 = no limit
+    read_timeout: float = 20.0
 
 
 def _bool(section: str, key: str, value: str) -> bool:
@@ -221,6 +224,9 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
     gb = _number("copy", "max_payload_gb", v["copy"]["max_payload_gb"], kind=float, optional=True)
     per_user = _number("copy", "max_jobs_per_user", v["copy"]["max_jobs_per_user"], minimum=1, optional=True)
     log_format = _choice("server", "log_format", v["server"]["log_format"], ("text", "json"))
+    read_timeout = _number("server", "read_timeout_seconds", v["server"]["read_timeout_seconds"], kind=float)
+    if not read_timeout < 86400:  # also NaN and inf
+        raise ConfigError("[server] read_timeout_seconds: must be a number of seconds below 86400 (0: no limit)")
     listen = v["server"]["listen"].strip()
     if not listen:
         raise ConfigError("[server] listen: must not be empty")
@@ -280,4 +286,5 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         watch_interval=_number("watch", "interval_seconds", v["watch"]["interval_seconds"], kind=float, minimum=0.1),
         watch_settle=_number("watch", "settle_seconds", v["watch"]["settle_seconds"], kind=float),
         drain_grace=_number("drain", "grace_seconds", v["drain"]["grace_seconds"], kind=float),
+        read_timeout=read_timeout,
     )

@@ -283,6 +283,22 @@ class QuietSite(Site):
 
     QUIET_PATHS = frozenset({b"/transferStatus", b"/healthz", b"/metrics"})
 
+    def __init__(self, resource, read_timeout: float | None = None, **kwargs: Any) -> None:
+        from dtsbridge.web import READ_TIMEOUT, BoundedRequest
+
+        kwargs.setdefault("requestFactory", BoundedRequest)
+        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        self.read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+
+    def protocol(self):
+        # A plain HTTP/1.1 channel that refuses big bodies at once and bounds slow clients
+        # (dtsbridge.web.BoundedChannel), instead of Twisted's generic HTTP/1.1-or-2 wrapper.
+        from dtsbridge.web import BoundedChannel
+
+        channel = BoundedChannel()
+        channel.read_timeout = self.read_timeout
+        return channel
+
     def log(self, request) -> None:
         if request.method == b"GET" and request.code < 400 and request.path in self.QUIET_PATHS:
             return
@@ -323,7 +339,7 @@ def makeService(options: Options) -> service.IService:
         redis_url = embedded.url
 
     try:
-        authenticator = _make_auth(cfg, reactor)
+        authenticator = _make_auth(cfg, reactor, run_in_thread)
         users = auth.make_user_checker(cfg.users_check, user_root=cfg.user_root, base_url=cfg.kbase_url,
                                        service_token=cfg.service_token, run_in_thread=run_in_thread)
     except (ValueError, OSError) as e:
@@ -347,7 +363,7 @@ def makeService(options: Options) -> service.IService:
     from dtsbridge.web import Api
     api = Api(bridge, authenticator, health=make_health(cfg, store, bridge, run_in_thread, reactor),
               openapi=spec(__version__))
-    site = QuietSite(api.resource())
+    site = QuietSite(api.resource(), read_timeout=cfg.read_timeout)
     site.displayTracebacks = False
     strports.service(cfg.listen, site).setServiceParent(top)
 
@@ -368,11 +384,11 @@ def makeService(options: Options) -> service.IService:
     return top
 
 
-def _make_auth(cfg: configmod.Config, reactor):
+def _make_auth(cfg: configmod.Config, reactor, run_in_thread=None):
     if cfg.auth_backend == "tokens":
         if not os.path.isfile(cfg.tokens_file):
             raise ValueError(f"[auth] tokens_file: {cfg.tokens_file} does not exist "
                              f"(make one with: dtsbridge token new NAME >> {cfg.tokens_file})")
-        return auth.TokenFileAuth(cfg.tokens_file)
+        return auth.TokenFileAuth(cfg.tokens_file, run_in_thread=run_in_thread)
     return auth.KBaseAuth(cfg.kbase_url, cache_seconds=cfg.auth_cache_seconds, timeout=cfg.auth_timeout,
                           reactor=reactor)
