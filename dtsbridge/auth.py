@@ -186,10 +186,14 @@ class TokenFileAuth:
 
     log = Logger()
 
-    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic, check_interval: float = 1.0) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic, check_interval: float = 1.0,
+                 run_in_thread: Callable[..., defer.Deferred] | None = None) -> None:
         self.path = path
         self._clock = clock
         self.check_interval = check_interval
+        #: runs the reload check (stat, read, parse) off the reactor thread; None: inline (tests, CLI)
+        self._run = run_in_thread
+        self._checking: defer.Deferred | None = None
         self._signature = _file_signature(path)
         self._table = _load_tokens_file(path)
         self._last_check = clock()
@@ -197,24 +201,62 @@ class TokenFileAuth:
     def __len__(self) -> int:
         return len(self._table)
 
-    def _maybe_reload(self) -> None:
+    def _due(self) -> bool:
         now = self._clock()
         if now - self._last_check < self.check_interval:
-            return
+            return False
         self._last_check = now
-        sig = _file_signature(self.path)
+        return True
+
+    def _maybe_reload(self) -> None:
+        if self._due():
+            self._apply(self._read_if_changed(self.path, self._signature))
+
+    @staticmethod
+    def _read_if_changed(path: str, signature: tuple[int, int, int] | None
+                         ) -> tuple[tuple[int, int, int] | None, dict[str, _TokenEntry] | None, str | None]:
+        """``(signature, new table or None, problem or None)``; blocking: run in a thread."""
+        sig = _file_signature(path)
+        if sig == signature:
+            return sig, None, None
+        try:
+            return sig, _load_tokens_file(path), None
+        except ValueError as e:
+            return sig, None, str(e)
+
+    def _apply(self, checked: tuple[tuple[int, int, int] | None, dict[str, _TokenEntry] | None, str | None]) -> None:
+        sig, table, problem = checked
         if sig == self._signature:
             return
         # Remember what we looked at, so a broken file is reported once per change.
         self._signature = sig
-        try:
-            table = _load_tokens_file(self.path)
-        except ValueError as e:
+        if problem is not None:
             self.log.error("tokens file not reloaded, keeping the previous {count} tokens: {problem}",
-                           count=len(self._table), problem=str(e))
+                           count=len(self._table), problem=problem)
             return
-        self._table = table
-        self.log.info("tokens file {path} reloaded: {count} tokens", path=self.path, count=len(table))
+        if table is not None:
+            self._table = table
+            self.log.info("tokens file {path} reloaded: {count} tokens", path=self.path, count=len(table))
+
+    async def _refresh(self) -> None:
+        """Reload a changed file through the thread runner; callers wait on their own Deferred."""
+        if self._checking is None:
+            if not self._due():
+                return
+            d = self._run(self._read_if_changed, self.path, self._signature)  # type: ignore[misc]
+
+            def done(result: Any) -> Any:
+                self._checking = None
+                if isinstance(result, Failure):
+                    self.log.failure("checking the tokens file {path} failed", result, path=self.path)
+                else:
+                    self._apply(result)
+                return None
+
+            self._checking = d
+            d.addBoth(done)
+        if self._checking is not None:
+            await _shielded(self._checking)
 
     def reload(self) -> None:
         """Reload now (``ValueError`` on a bad file, keeping the old table)."""
@@ -224,10 +266,13 @@ class TokenFileAuth:
         self._last_check = self._clock()
 
     def lookup(self, token: str | None) -> Identity:
-        """The synchronous check behind :meth:`authenticate`."""
+        """The synchronous check (reloading a changed file inline); :meth:`authenticate` reloads in a thread."""
         if not token:
             raise Unauthorized("missing token")
         self._maybe_reload()
+        return self._find(token)
+
+    def _find(self, token: str) -> Identity:
         digest = hash_token(token)
         entry = self._table.get(digest)
         if entry is None or not hmac.compare_digest(entry.sha256, digest):
@@ -236,7 +281,24 @@ class TokenFileAuth:
         return Identity(user=entry.user, roles=entry.roles, token_id=digest[:8])
 
     async def authenticate(self, token: str | None) -> Identity:
-        return self.lookup(token)
+        if self._run is None:
+            return self.lookup(token)
+        if not token:
+            raise Unauthorized("missing token")
+        await self._refresh()
+        return self._find(token)
+
+
+def _shielded(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred that fires when ``d`` does; cancelling it does not cancel ``d``. ``d`` must end in None."""
+    mine: defer.Deferred = defer.Deferred()
+
+    def fire(_: Any) -> None:
+        if not mine.called:
+            mine.callback(None)
+
+    d.addBoth(fire)
+    return mine
 
 
 # ---------------------------------------------------------------------------
@@ -394,29 +456,33 @@ class KBaseAuth:
                     raise Unauthorized(value)
                 return value
             del self._cache[key]
-        # Concurrent checks of one token share one round trip to auth2.
+        # Concurrent checks of one token share one round trip to auth2. Each caller waits on
+        # its own Deferred: a caller that goes away (its client hung up, which cancels it)
+        # never cancels the shared call that the others wait for.
+        mine: defer.Deferred = defer.Deferred()
         waiters = self._inflight.get(key)
         if waiters is not None:
             self.cache_hits += 1
-            w: defer.Deferred = defer.Deferred()
-            waiters.append(w)
-            return await w
-        self.cache_misses += 1
-        self._inflight[key] = waiters = []
-        try:
-            ident = await self._ask(token, key)
-        except BaseException as e:
-            self._inflight.pop(key, None)
-            if isinstance(e, Unauthorized):
-                self._remember(key, self._clock() + min(self.negative_cache_seconds, self.cache_seconds), str(e))
-            f = Failure(e)
-            for w in waiters:
-                w.errback(f)
-            raise
-        self._inflight.pop(key, None)
+            waiters.append(mine)
+        else:
+            self.cache_misses += 1
+            waiters = self._inflight[key] = [mine]
+            defer.ensureDeferred(self._ask(token, key)).addBoth(self._settled, key, waiters)
+        return await mine
+
+    def _settled(self, result: Any, key: str, waiters: list[defer.Deferred]) -> None:
+        """The shared call ended: remember a rejection, hand the result to every waiter still waiting."""
+        if self._inflight.get(key) is waiters:
+            del self._inflight[key]
+        if isinstance(result, Failure) and result.check(Unauthorized):
+            self._remember(key, self._clock() + min(self.negative_cache_seconds, self.cache_seconds),
+                           str(result.value))
         for w in waiters:
-            w.callback(ident)
-        return ident
+            if not w.called:  # a cancelled waiter has been called already
+                if isinstance(result, Failure):
+                    w.errback(result)
+                else:
+                    w.callback(result)
 
     async def _ask(self, token: str, key: str) -> Identity:
         tid = key[:8]

@@ -11,7 +11,8 @@ It serves, over loopback only:
 
 Modes (``mode``): ``ok`` (normal), ``error`` (HTTP 500 with an auth2 error
 body), ``hang`` (never answers), ``garbage`` (200 with a body that is not
-JSON), ``drop`` (closes the connection without answering). "Down" is a
+JSON), ``drop`` (closes the connection without answering). ``delay_seconds``
+(default 0) makes every auth2 answer wait that long first (a slow auth2). "Down" is a
 stopped server: :meth:`FakeAuth2.stop` in-process, :meth:`FakeAuth2Process.stop`
 for the subprocess (``start()`` again brings it back on the same port, with
 the same state).
@@ -93,6 +94,7 @@ class FakeAuth2State:
         self.tokens: dict[str, dict] = {}
         self.users: dict[str, dict] = {}
         self.mode = "ok"
+        self.delay_seconds = 0.0
         self.counts: dict[str, int] = {}
         if state:
             self.apply(state)
@@ -134,6 +136,7 @@ class FakeAuth2State:
           "cachefor" (ms, default 300000), "name"}}`` merged in;
         - ``users``: ``{name: {"customroles": [...], "display": ...}}`` merged in;
         - ``mode``: one of ``ok error hang garbage drop``;
+        - ``delay_seconds``: every auth2 answer waits this long first (0: none);
         - ``reset_counts``: true → zero the request counters.
         """
         if not isinstance(change, dict):
@@ -160,11 +163,14 @@ class FakeAuth2State:
             self.add_user(name, info.get("customroles", info.get("roles", ())), info.get("display"))
         if "mode" in change:
             self.set_mode(change["mode"])
+        if "delay_seconds" in change:
+            self.delay_seconds = max(0.0, float(change["delay_seconds"]))
         if change.get("reset_counts"):
             self.counts.clear()
 
     def snapshot(self, with_counts: bool = True) -> dict:
-        doc: dict[str, Any] = {"tokens": self.tokens, "users": self.users, "mode": self.mode}
+        doc: dict[str, Any] = {"tokens": self.tokens, "users": self.users, "mode": self.mode,
+                               "delay_seconds": self.delay_seconds}
         if with_counts:
             doc["counts"] = self.counts
         return json.loads(json.dumps(doc))
@@ -191,6 +197,23 @@ class FakeAuth2Resource(resource.Resource):
             return self._control(request)
         key = path.rstrip("/") or "/"
         self.state.counts[key] = self.state.counts.get(key, 0) + 1
+        if self.state.delay_seconds > 0:
+            from twisted.internet import reactor
+
+            def answer() -> None:
+                if request.finished or request._disconnected:
+                    return
+                body = self._answer(request, key)
+                if body is not server.NOT_DONE_YET:
+                    request.write(body)
+                    request.finish()
+
+            request.notifyFinish().addErrback(lambda _: None)
+            reactor.callLater(self.state.delay_seconds, answer)
+            return server.NOT_DONE_YET
+        return self._answer(request, key)
+
+    def _answer(self, request, key: str):
         mode = self.state.mode
         if mode == "hang":
             self.hanging.append(request)

@@ -234,6 +234,60 @@ def test_tokens_file_reload_on_change(tmp_path):
         assert auth.lookup("tok-3").user == "u3"
 
 
+@pytest_twisted.ensureDeferred
+async def test_tokens_file_reload_runs_in_a_thread(tmp_path):
+    """Issue 9 item 10: authenticate() checks and reads a changed file in a pool thread, never the reactor's."""
+    import threading
+
+    clock = FakeClock(1000.0)
+    path = _tokens_file(tmp_path, {"one": ("tok-1", "u1", "R")})
+    calls: list[str] = []
+
+    def runner(f, *a, **k):
+        calls.append(f.__name__)
+        return threads.deferToThread(f, *a, **k)
+
+    auth = TokenFileAuth(str(path), clock=clock, run_in_thread=runner)
+    main = threading.current_thread()
+    seen: list[threading.Thread] = []
+    real_stat = os.stat
+
+    def spy_stat(p, *a, **k):
+        if str(p) == str(path):
+            seen.append(threading.current_thread())
+        return real_stat(p, *a, **k)
+
+    os.stat = spy_stat
+    try:
+        assert (await within(auth.authenticate("tok-1"))).user == "u1"  # not due: no file access at all
+        assert calls == [] and seen == []
+        _tokens_file(tmp_path, {"two": ("tok-2", "u2", "R")})
+        clock.advance(1.5)
+        assert (await within(auth.authenticate("tok-2"))).user == "u2"  # the request that finds it due waits
+        with pytest.raises(Unauthorized):
+            await within(auth.authenticate("tok-1"))
+    finally:
+        os.stat = real_stat
+    assert calls == ["_read_if_changed"]
+    assert seen and main not in seen, seen
+    # a waiter that goes away does not lose the reload for the others
+    gate = defer.Deferred()
+
+    def slow_runner(f, *a, **k):
+        return gate.addCallback(lambda _: f(*a, **k))
+
+    auth._run = slow_runner
+    _tokens_file(tmp_path, {"three": ("tok-3", "u3", "")})
+    clock.advance(1.5)
+    first = defer.ensureDeferred(auth.authenticate("tok-3"))
+    second = defer.ensureDeferred(auth.authenticate("tok-3"))
+    first.cancel()
+    gate.callback(None)
+    assert (await within(second)).user == "u3"
+    with pytest.raises(defer.CancelledError):
+        await within(first)
+
+
 @pytest.mark.parametrize(
     "text, fragment",
     [
@@ -479,6 +533,42 @@ async def test_kbase_concurrent_checks_share_one_request(fake, kbase):
     ))
     assert {r.user for r in results} == {"alice"}
     assert fake.counts["/api/V2/token"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_kbase_cancelled_waiter_does_not_cancel_the_shared_check(fake, kbase):
+    """Issue 9 item 11: the first caller going away (cancelled) leaves the others their answer."""
+    fake.control(delay_seconds=0.5)
+    first = defer.ensureDeferred(kbase.authenticate(TOKEN))
+    second = defer.ensureDeferred(kbase.authenticate(TOKEN))
+    third = defer.ensureDeferred(kbase.authenticate(TOKEN))
+    first.cancel()
+    with pytest.raises(defer.CancelledError):
+        await within(first)
+    third.cancel()
+    ident = await within(second)
+    assert ident.user == "alice"
+    with pytest.raises(defer.CancelledError):
+        await within(third)
+    assert fake.counts["/api/V2/token"] == 1
+    # the answer was cached: no second round trip
+    assert (await within(kbase.authenticate(TOKEN))).user == "alice"
+    assert fake.counts["/api/V2/token"] == 1
+    # every caller cancelled: the shared check still completes (and a rejection is remembered)
+    lone = defer.ensureDeferred(kbase.authenticate("no-such-token"))
+    lone.cancel()
+    with pytest.raises(defer.CancelledError):
+        await within(lone)
+    await within(deferLater(0.8))
+    fake.control(delay_seconds=0)
+    with pytest.raises(Unauthorized):
+        await within(kbase.authenticate("no-such-token"))
+    assert fake.counts["/api/V2/token"] == 2
+
+
+def deferLater(seconds: float) -> defer.Deferred:
+    from twisted.internet import task
+    return task.deferLater(_reactor(), seconds, lambda: None)
 
 
 @pytest_twisted.ensureDeferred
