@@ -215,11 +215,14 @@ class Bridge:
         if self.draining:
             raise Draining()
         await self.check_user(user)
-        # The folder is checked when staging is done; refuse the obviously bad now.
+        # The folder is checked when staging is done; refuse the obviously bad now
+        # (in a thread: the check resolves the DTS root's real path).
         try:
-            engine.normalize_relpath(_relative_to_root(self.config.dts_root, subdirectory))
+            rel = await self.run_in_thread(_staging_rel, self.config.dts_root, subdirectory)
         except errors.TransferError as e:
             raise RequestError(e.http_status, e.message, reason=e.reason) from None
+        if not rel:
+            raise RequestError(400, "subdirectory names the DTS area itself")
         timeout = self.config.staging_timeout if timeout is None else timeout
         if not 0 < timeout <= self.config.staging_max_timeout:
             raise RequestError(400, f"staging_timeout must be between 0 and {self.config.staging_max_timeout:g} seconds")
@@ -245,8 +248,7 @@ class Bridge:
         if success:
             job = await self.store.get_job(job_id)
             assert job is not None
-            subdirectory = path if path else job.subdirectory
-            source = await self.resolve_for_staging(subdirectory)
+            source = await self.resolve_for_staging(job.subdirectory, path)
             fields.update(source_rel=source.rel, stager_path=path,
                           detailed_status="staged; queued for copying")
             folder_key = self.store.folder_key(job.target_user, source.rel)
@@ -264,12 +266,27 @@ class Bridge:
         assert job is not None
         return job
 
-    async def resolve_for_staging(self, subdirectory: str) -> engine.Source:
+    async def resolve_for_staging(self, subdirectory: str, path: str | None = None) -> engine.Source:
+        """The folder a stager delivers: ``path`` if given, which must be the submitted
+        ``subdirectory`` or a folder inside it (403 otherwise), else ``subdirectory``.
+
+        Nothing here uses up the authcode: every refusal leaves the job waiting.
+        """
         try:
-            return await self.resolve(subdirectory)
+            base = await self.run_in_thread(_staging_rel, self.config.dts_root, subdirectory)
+            rel = base if not path else await self.run_in_thread(_staging_rel, self.config.dts_root, path)
+        except errors.TransferError as e:
+            raise RequestError(403, f"path: {e.message}", reason=e.reason) from None
+        # Lexical containment is enough: the folder is then opened component by component
+        # without following any symbolic link, so what is opened is what was named.
+        if not base or not (rel == base or rel.startswith(base + "/")):
+            raise RequestError(403, "path must be the submitted subdirectory or a folder inside it",
+                               reason="outside_subdirectory")
+        try:
+            return await self.resolve(rel)
         except RequestError as e:
-            # Bad parameters from the stager: 400, and the code is not used up.
-            if e.code in (403, 404):
+            # A folder that does not exist (yet) is a bad parameter: 400, and the code is not used up.
+            if e.code == 404:
                 raise RequestError(400, f"path: {e.message}", reason=e.extra.get("reason")) from None
             raise
 
@@ -589,6 +606,11 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+
+
+def _staging_rel(dts_root: str, path: str) -> str:
+    """``path`` (relative to ``dts_root`` or absolute inside it) as a canonical relative path; blocking."""
+    return engine.normalize_relpath(_relative_to_root(dts_root, path))
 
 
 def _relative_to_root(dts_root: str, path: str) -> str:

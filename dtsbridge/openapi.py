@@ -197,7 +197,8 @@ def spec(version: str) -> dict[str, Any]:
                 "responses": {
                     "200": _ok("Accepted", "Staged"),
                     "400": _error("Bad parameters"),
-                    "403": _error("Wrong or used code, unknown job, or a job not waiting for staging"),
+                    "403": _error("Wrong or used code, unknown job, a job not waiting for staging, or a path "
+                                  "that is not the submitted subdirectory or a folder inside it (the code stays usable)"),
                     "413": _COMMON["413"], "503": _COMMON["503"],
                 },
             }},

@@ -124,7 +124,6 @@ def payload(seed: str, n: int = 3) -> dict[str, Any]:
 def test_submit_and_done_staging_success(bridges, redis_proc) -> None:
     b = bridges()
     src1 = make_tree(b.dts_root / "stage1", payload("one"))
-    src2 = make_tree(b.dts_root / "elsewhere" / "staged2", payload("two"))
     codes = []
 
     # JSON submit, form doneStaging, default path = the submitted subdirectory
@@ -154,12 +153,14 @@ def test_submit_and_done_staging_success(bridges, redis_proc) -> None:
     assert s.get("time_staged") and s["time_staged"] != s["time_staging"] and s["time_staged"] > s["time_staging"]
     assert s["files_total"] == 4 and s["detailed_status"]
 
-    # form submit with a staging_timeout, JSON doneStaging with an absolute `path` elsewhere in the DTS area
+    # form submit (of a folder not there yet) with a staging_timeout, JSON doneStaging with an
+    # absolute `path` to a folder inside the submitted one
     r = submit(b, "bob", "not-there-yet", form=True, staging_timeout=300)
     assert r.status == 202, r
     j2, code2 = r.json()["job_id"], r.json()["authcode"]
     codes.append(code2)
     assert job(b, j2)["status"] == "STAGING"
+    src2 = make_tree(b.dts_root / "not-there-yet" / "staged2", payload("two"))
     r = done(b, j2, code2, True, path=str(src2), staged_to="/scratch/x", msg="unpacked")
     assert r.status == 200, r
     s = b.wait_status(j2, {"SUCCESS", "ERROR"}, timeout=60)
@@ -237,10 +238,12 @@ def test_done_staging_failure_and_refusals(bridges) -> None:
     assert done(b, jid, code[:-1], True).status == 403
     assert done(b, str(uuid.uuid4()), code, True).status == 403  # unknown job
     assert done(b, "not-a-job", code, True).status == 403
-    # `path` outside the DTS area: 400, and the code is not used up
+    # `path` outside the submitted folder: 403; inside it but missing: 400; the code is not used up
     for bad in ("/etc", "../users/alice", "ok/../../users", "/", "does-not-exist"):
         r = done(b, jid, code, True, path=bad)
-        assert r.status == 400, (bad, r)
+        assert r.status == 403, (bad, r)
+    r = done(b, jid, code, True, path="ok/does-not-exist")
+    assert r.status == 400, r
     assert job(b, jid)["status"] == "STAGING"
     r = done(b, jid, code, "true", form=True)
     assert r.status == 200, r
