@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import pytest
+import pytest_twisted
 
 from tests.fakeauth2 import FakeAuth2Process
 from tests.harness import DTS_TOKEN, DtsBridge, leftovers, make_tree, tree_of, wait_until
@@ -408,3 +409,47 @@ def test_client_hanging_up_does_not_fail_others_sharing_its_auth_call(services, 
         assert "jobs" in json.loads(body)
         assert slow_auth.counts()["/api/V2/token"] == 1  # still one shared call
         slow_auth.control(delay_seconds=0)
+
+
+# -- item 10: no blocking file calls on the reactor thread ------------------------------------
+
+
+@pytest_twisted.ensureDeferred
+async def test_staging_path_checks_run_in_the_thread_pool(tmp_path: Path, monkeypatch) -> None:
+    """``/submitTransfer`` and ``/doneStaging`` resolve the DTS root's real path in a pool thread only."""
+    from twisted.internet import threads
+
+    from dtsbridge import auth, config as configmod
+    from dtsbridge.core import Bridge, RequestError
+
+    dts, users = tmp_path / "dts", tmp_path / "users"
+    make_tree(dts / "stage" / "inner", {"a.txt": b"a"})
+    (users / "alice").mkdir(parents=True)
+    cfg = configmod.load(None, {"paths": {"dts_root": str(dts), "user_root": str(users)}}, environ={})
+
+    def runner(f, *a, **k):
+        return threads.deferToThread(f, *a, **k)
+
+    main = threading.current_thread()
+    on_reactor: list[str] = []
+    in_threads: list[str] = []
+    real = os.path.realpath
+
+    def spy(p, *a, **k):
+        (on_reactor if threading.current_thread() is main else in_threads).append(str(p))
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(os.path, "realpath", spy)
+    bridge = Bridge(cfg, None, runner, auth.DirectoryUsers(str(users), runner))
+    # a bad staging_timeout is refused after the folder check and before any Redis call
+    with pytest.raises(RequestError) as info:
+        await bridge.submit_staging("alice", str(dts / "stage"), "dts", -1)
+    assert info.value.code == 400 and "staging_timeout" in info.value.message
+    assert on_reactor == [], on_reactor
+    source = await bridge.resolve_for_staging(str(dts / "stage"), str(dts / "stage" / "inner"))
+    assert source.rel == "stage/inner"
+    with pytest.raises(RequestError) as info:
+        await bridge.resolve_for_staging("stage", str(dts / "elsewhere"))
+    assert info.value.code == 403
+    assert on_reactor == [], on_reactor
+    assert in_threads
