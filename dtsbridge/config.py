@@ -52,6 +52,7 @@ DEFAULTS: dict[str, dict[str, str]] = {
         "lease_seconds": "15",
         "max_jobs_per_user": "",
         "reflink": "auto",
+        "stall_seconds": "900",
     },
     "staging": {"timeout_seconds": "86400", "max_timeout_seconds": "604800"},
     "watch": {"enabled": "false", "interval_seconds": "2", "settle_seconds": "2"},
@@ -99,6 +100,7 @@ class Config:
     lease_seconds: float
     max_jobs_per_user: int | None
     reflink: str
+    stall_seconds: float
     staging_timeout: float
     staging_max_timeout: float
     watch_enabled: bool
@@ -126,6 +128,8 @@ def _number(section: str, key: str, value: str, kind=int, minimum: float = 0, op
         n = kind(v)
     except ValueError:
         raise ConfigError(f"[{section}] {key}: expected a number, got {value!r}") from None
+    if n != n or n in (float("inf"), float("-inf")):
+        raise ConfigError(f"[{section}] {key}: expected a finite number, got {value!r}")
     if n < minimum:
         raise ConfigError(f"[{section}] {key}: must be at least {minimum}, got {value!r}")
     return n
@@ -280,6 +284,7 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         lease_seconds=_number("copy", "lease_seconds", v["copy"]["lease_seconds"], kind=float, minimum=2),
         max_jobs_per_user=per_user,
         reflink=_choice("copy", "reflink", v["copy"]["reflink"], ("auto", "never")),
+        stall_seconds=_number("copy", "stall_seconds", v["copy"]["stall_seconds"], kind=float),
         staging_timeout=_number("staging", "timeout_seconds", v["staging"]["timeout_seconds"], kind=float, minimum=1),
         staging_max_timeout=_number("staging", "max_timeout_seconds", v["staging"]["max_timeout_seconds"], kind=float, minimum=1),
         watch_enabled=_bool("watch", "enabled", v["watch"]["enabled"]),

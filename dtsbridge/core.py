@@ -65,6 +65,8 @@ class Running:
     bytes_total: int | None = None
     phase: str = "starting"
     lost: bool = False
+    moved: float = 0.0  # time.monotonic() of the engine's last progress report (0: started)
+    ended: str | None = None  # the job ended while its copy still runs (stalled, timeout, cancel)
 
 
 def hash_code(code: str) -> str:
@@ -128,6 +130,11 @@ class Bridge:
         while self.running and time.monotonic() < deadline:
             await task.deferLater(self.reactor, 0.1, lambda: None)
         for run in list(self.running.values()):
+            if run.ended is not None:
+                # Its job already ended (stalled copy): keep the claim, so that if the thread
+                # never returns, recovery finds the ended job and removes its temporary folder.
+                run.lost = True
+                continue
             self.log.info("handing {job_id} back to the queue at shutdown", job_id=run.job_id)
             run.lost = True
             run.stop.set()
@@ -187,7 +194,7 @@ class Bridge:
         return fields
 
     async def submit(self, user: str, subdirectory: str, submitter: str, kind: str = "complete",
-                     source: engine.Source | None = None) -> tuple[Job, bool]:
+                     source: engine.Source | None = None, timeout: float | None = None) -> tuple[Job, bool]:
         """Queue a copy of ``subdirectory`` for ``user``, or join the job that already owns it.
 
         Returns the job and whether this call created it.
@@ -198,9 +205,11 @@ class Bridge:
         if source is None:
             source = await self.resolve(subdirectory)
         job_id = str(uuid.uuid4())
+        fields = self._new_fields(Status.SUBMITTED, user, subdirectory, submitter, kind, source)
+        if timeout is not None:
+            fields["timeout_seconds"] = f"{timeout:g}"
         created, job_id = await self.store.create_job(
-            job_id, self._new_fields(Status.SUBMITTED, user, subdirectory, submitter, kind, source),
-            folder_key=self.store.folder_key(user, source.rel))
+            job_id, fields, folder_key=self.store.folder_key(user, source.rel))
         if created:
             self.log.info("job {job_id} queued: {folder} for {user} by {submitter}", job_id=job_id,
                           folder=source.rel, user=user, submitter=submitter)
@@ -210,7 +219,7 @@ class Bridge:
         return job, created
 
     async def submit_staging(self, user: str, subdirectory: str, submitter: str,
-                             timeout: float | None) -> tuple[Job, str]:
+                             timeout: float | None, job_timeout: float | None = None) -> tuple[Job, str]:
         """Register a job that waits for a stager; returns it and the one-time authcode."""
         if self.draining:
             raise Draining()
@@ -230,6 +239,8 @@ class Bridge:
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.STAGING, user, subdirectory, submitter, "staged", None)
         fields.update(authcode_hash=hash_code(code), staging_timeout=int(timeout))
+        if job_timeout is not None:
+            fields["timeout_seconds"] = f"{job_timeout:g}"
         # the job and its staging deadline in one step: no job can wait for a stager forever
         await self.store.create_job(job_id, fields, staging_s=timeout)
         self.log.info("job {job_id} waits for a stager ({timeout:g} s)", job_id=job_id, timeout=timeout)
@@ -401,7 +412,7 @@ class Bridge:
                 return
             ended = await self._retrying("recording the result", job_id, lambda: self.store.finish(
                 job_id, token, status, now_iso(), fields))
-            if ended is not None:
+            if ended is not None and run.ended is None:
                 self.metrics.jobs_finished.labels(ended, fields.get("reason", "") if ended != "CANCELLED"
                                                   else errors.CANCELLED).inc()
                 self.metrics.job_seconds.labels(ended).observe(time.monotonic() - run.started)
@@ -459,6 +470,7 @@ class Bridge:
 
             def on_progress(files_done: int, bytes_done: int) -> None:
                 run.files_done, run.bytes_done = files_done, bytes_done
+                run.moved = time.monotonic()
 
             def before_publish(tmpname: str, dev: int, ino: int) -> bool:
                 run.phase = "publishing"
@@ -530,8 +542,12 @@ class Bridge:
                 self.log.warn("job {job_id}: lease lost; stopping this copy", job_id=run.job_id)
                 run.lost = True
                 run.stop.set()
-            elif st == "CANCELLED":
+            elif st in ("CANCELLED", "ERROR", "SUCCESS"):  # cancelled, timed out or given up
+                if run.ended is None and st != "CANCELLED":
+                    run.ended = st
                 run.stop.set()
+        if renewed and self.config.stall_seconds > 0:
+            await self._stalls()
         if not renewed:
             # Redis was away: our own leases may have lapsed meanwhile. Renew them first (next
             # tick) rather than let a recover that reaches Redis first requeue our running copies.
@@ -548,12 +564,51 @@ class Bridge:
                 self.log.info("job {job_id}: staging timed out", job_id=job_id)
                 self.metrics.jobs_finished.labels("ERROR", errors.STAGING_TIMEOUT).inc()
                 self._notify(job_id)
+            for job_id in await self.store.sweep_deadlines(now_iso()):
+                self.log.info("job {job_id}: not finished within its timeout_seconds; ended", job_id=job_id)
+                self.metrics.jobs_finished.labels("ERROR", errors.TIMEOUT).inc()
+                run = self.running.get(job_id)
+                if run is not None:
+                    run.ended = "ERROR"
+                    run.stop.set()
+                self._notify(job_id)
             await self.store.trim()
             self.counts = await self.store.counts()
         except StoreUnavailable:
             pass
         except Exception:  # noqa: BLE001
             self.log.failure("housekeeping failed")
+
+    async def _stalls(self) -> None:
+        """End every running copy whose bytes have not moved for ``[copy] stall_seconds``.
+
+        Decided here, on the reactor, from the progress the engine reports, because
+        the copying thread itself may be stuck in the kernel (a hung NFS read) and
+        never look at its stop flag. The job ends in Redis at once, fenced by its
+        claim; the thread is told to stop and, whenever it returns, the engine
+        removes its temporary folder (or recovery does, if this process dies first).
+        """
+        limit = self.config.stall_seconds
+        now = time.monotonic()
+        for run in list(self.running.values()):
+            if run.ended is not None or run.lost or run.stop.is_set() or run.phase == "publishing":
+                continue
+            idle = now - (run.moved or run.started)
+            if idle < limit:
+                continue
+            detail = f"stalled: no bytes moved for {idle:.0f} seconds ([copy] stall_seconds = {limit:g})"
+            try:
+                ok = await self.store.give_up(run.job_id, run.token, now_iso(), errors.STALLED, detail,
+                                              {"files_done": run.files_done, "bytes_done": run.bytes_done})
+            except StoreUnavailable:
+                return
+            run.stop.set()
+            if ok:
+                run.ended = "ERROR"
+                self.log.warn("job {job_id} {detail}", job_id=run.job_id, detail=detail)
+                self.metrics.jobs_finished.labels("ERROR", errors.STALLED).inc()
+                self.metrics.job_seconds.labels("ERROR").observe(now - run.started)
+                self._notify(run.job_id)
 
     async def _cleanup_ended(self, job_id: str) -> None:
         job = await self.store.get_job(job_id)

@@ -1568,6 +1568,7 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     # Read the whole copy back (asking for one byte more than written, so a longer file shows).
     check = _new_hash(checksum)
     off = 0
+    reread = 0
     while True:
         job.check_stop()
         want = min(blen, total + 1 - off)
@@ -1575,6 +1576,10 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
         if n:
             check.update(buf[:n])
             off += n
+            reread += n
+            if reread >= PROGRESS_STEP:  # still moving: a long read-back is no stall
+                job.progress(0, 0)
+                reread = 0
         if n < want or off > total:
             break
     if off != total or check.digest() != main.digest():

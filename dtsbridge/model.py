@@ -63,6 +63,7 @@ INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done"
                         "manifest_resources", "manifest_size_only", "manifest_hashed", "manifest_unverified",
                         "attempts", "files_cloned", "bytes_cloned"})
 BOOL_FIELDS = frozenset({"stager_success", "async", "source_deleted"})
+FLOAT_FIELDS = frozenset({"timeout_seconds"})
 
 
 @attrs.define
@@ -97,6 +98,11 @@ class Job:
             if k in INT_FIELDS:
                 try:
                     value: Any = int(v)
+                except (TypeError, ValueError):
+                    value = None
+            elif k in FLOAT_FIELDS:
+                try:
+                    value = float(v)
                 except (TypeError, ValueError):
                     value = None
             elif k in BOOL_FIELDS:

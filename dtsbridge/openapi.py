@@ -36,6 +36,11 @@ _COMMON = {
 }
 
 
+_TIMEOUT = {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+            "description": "Optional: the job ends in ERROR (reason `timeout`) unless it has ended this many "
+                           "seconds after the request"}
+
+
 def spec(version: str) -> dict[str, Any]:
     timestamps = {f"time_{s.lower()}": {"type": "string", "format": "date-time"} for s in STATUSES}
     timestamps["time_staged"] = {"type": "string", "format": "date-time"}
@@ -58,6 +63,7 @@ def spec(version: str) -> dict[str, Any]:
         "stager_path": _STR,
         "stager_success": {"type": "boolean"},
         "staging_timeout": _INT,
+        "timeout_seconds": {"type": "number"},
         "manifest_resources": _INT,
         "manifest_size_only": _INT,
         "manifest_hashed": _INT,
@@ -101,6 +107,7 @@ def spec(version: str) -> dict[str, Any]:
                         "subdirectory": {"type": "string", "minLength": 1,
                                          "description": "A folder of the DTS area, relative to dts_root or "
                                                         "as a full path inside it"},
+                        "timeout_seconds": _TIMEOUT,
                     },
                 },
                 "SubmitRequest": {
@@ -110,6 +117,7 @@ def spec(version: str) -> dict[str, Any]:
                         "target_user": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,99}$"},
                         "subdirectory": {"type": "string", "minLength": 1},
                         "staging_timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+                        "timeout_seconds": _TIMEOUT,
                     },
                 },
                 "DoneStagingRequest": {

@@ -7,6 +7,7 @@ Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
 - ``P:queue``         list: jobs waiting for a worker (LPUSH new, RPOP to claim)
 - ``P:active``        sorted set: claimed jobs by lease deadline (ms, Redis clock)
 - ``P:staging``       sorted set: jobs in STAGING by staging deadline (ms)
+- ``P:deadlines``     sorted set: jobs with a ``timeout_seconds`` by deadline (ms)
 - ``P:user_active``   hash: target user -> number of their claimed (running) jobs,
   for ``[copy] max_jobs_per_user``
 - ``P:folder:<user>:<folder>``  string: the job that owns "copy this folder for
@@ -107,6 +108,11 @@ for i = 4, #ARGV, 2 do
   redis.call('HSET', key, ARGV[i], ARGV[i + 1])
 end
 redis.call('ZADD', P .. ':jobs', now, id)
+-- a per-request timeout_seconds: the job ends in ERROR 'timeout' unless it ends before
+local limit = tonumber(redis.call('HGET', key, 'timeout_seconds') or '')
+if limit then
+  redis.call('ZADD', P .. ':deadlines', now + math.floor(limit * 1000), id)
+end
 if enqueue == '1' then
   redis.call('LPUSH', P .. ':queue', id)
 end
@@ -246,6 +252,7 @@ local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return false end
 redis.call('ZREM', P .. ':active', id)
+redis.call('ZREM', P .. ':deadlines', id)
 uncount(P, key)
 redis.call('HDEL', key, 'claim', 'publishing')
 local st = redis.call('HGET', key, 'status')
@@ -295,6 +302,53 @@ end
 table.insert(requeued, '|')
 for _, id in ipairs(ended) do table.insert(requeued, id) end
 return requeued
+"""
+
+# ARGV: prefix, id, token, iso_now, reason, detail, field, value, ... ; the holder of a claim gives up
+# on a running copy whose thread does not come back (stalled): the job ends in ERROR now. The
+# claim and the lease stay until the thread returns (and the engine removes its temporary
+# folder) or, if the process dies first, until recovery finds the ended job and removes it.
+# Refused (0) once the job may publish, or when it is no longer this claim's running job.
+_GIVE_UP = _UNCOUNT + """
+local P, id, token, iso, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local key = P .. ':job:' .. id
+if redis.call('HGET', key, 'claim') ~= token then return 0 end
+if redis.call('HEXISTS', key, 'publishing') == 1 then return 0 end
+if redis.call('HGET', key, 'status') ~= 'TRANSFERRING' then return 0 end
+for i = 7, #ARGV, 2 do
+  redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+end
+redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', reason, 'detailed_status', detail)
+redis.call('ZREM', P .. ':deadlines', id)
+uncount(P, key)
+return 1
+"""
+
+# ARGV: prefix, iso_now ; jobs past their timeout_seconds end in ERROR 'timeout' (at most 100 a
+# call). A claimed job keeps its claim, as with a cancel: its worker sees the ended status at its
+# next heartbeat and stops; a job that may already be publishing is left to finish.
+_SWEEP_DEADLINES = _NOW + _UNCOUNT + _FORGET + """
+local P, iso = ARGV[1], ARGV[2]
+local ids = redis.call('ZRANGEBYSCORE', P .. ':deadlines', '-inf', now, 'LIMIT', 0, 100)
+local out = {}
+for _, id in ipairs(ids) do
+  redis.call('ZREM', P .. ':deadlines', id)
+  local key = P .. ':job:' .. id
+  local st = redis.call('HGET', key, 'status')
+  if (st == 'SUBMITTED' or st == 'STAGING' or st == 'TRANSFERRING')
+      and redis.call('HEXISTS', key, 'publishing') == 0 then
+    redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'timeout', 'detailed_status',
+               'not finished within its timeout of ' .. (redis.call('HGET', key, 'timeout_seconds') or '?') .. ' seconds')
+    redis.call('HDEL', key, 'authcode_hash')
+    redis.call('LREM', P .. ':queue', 0, id)
+    redis.call('ZREM', P .. ':staging', id)
+    if redis.call('HEXISTS', key, 'claim') == 0 then redis.call('ZREM', P .. ':active', id) end
+    uncount(P, key)
+    forget_later(P, id, key)
+    table.insert(out, id)
+  end
+end
+return out
 """
 
 # ARGV: prefix, id, iso_now, detail ; returns OK | NOTFOUND | PUBLISHING | <final status>
@@ -662,6 +716,15 @@ class Store:
         r = await self._eval(_RECOVER, [], args)
         i = r.index("|")
         return list(r[:i]), list(r[i + 1:])
+
+    async def give_up(self, job_id: str, token: str, iso_now: str, reason: str, detail: str,
+                      fields: dict[str, Any] | None = None) -> bool:
+        """End this claim's running job in ERROR now, without waiting for its copy (see ``_GIVE_UP``)."""
+        return bool(await self._eval(_GIVE_UP, [], [job_id, token, iso_now, reason, detail, *_flat(fields or {})]))
+
+    async def sweep_deadlines(self, iso_now: str) -> list[str]:
+        """End the jobs whose ``timeout_seconds`` ran out (ERROR ``timeout``); their ids."""
+        return list(await self._eval(_SWEEP_DEADLINES, [], [iso_now]) or [])
 
     async def cancel(self, job_id: str, iso_now: str, detail: str) -> str:
         return await self._eval(_CANCEL, [], [job_id, iso_now, detail])

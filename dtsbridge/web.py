@@ -135,6 +135,22 @@ def bool_field(body: dict[str, Any], name: str) -> bool:
     raise ApiError(400, f"{name} must be true or false")
 
 
+def timeout_field(body: dict[str, Any], name: str = "timeout_seconds") -> float | None:
+    """An optional positive, finite number of seconds (JSON number or numeric string); None when absent."""
+    value = body.get(name)
+    if value is None or value == "":
+        return None
+    try:
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise ValueError
+        n = float(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ApiError(400, f"{name} must be a number of seconds greater than 0") from None
+    if not (0 < n < float("inf")):  # also refuses NaN
+        raise ApiError(400, f"{name} must be a number of seconds greater than 0")
+    return n
+
+
 def prefers_async(request: IRequest) -> bool:
     prefer = b",".join(request.requestHeaders.getRawHeaders(b"prefer", []))
     return any(p.strip().split(b";")[0].strip().lower() == b"respond-async" for p in prefer.split(b","))
@@ -228,7 +244,8 @@ class Api:
         body = read_body(request)
         user = text_field(body, "target_user", limit=100)
         subdirectory = text_field(body, "subdirectory")
-        job, created = await self.bridge.submit(user, subdirectory, ident.user)
+        timeout = timeout_field(body)
+        job, created = await self.bridge.submit(user, subdirectory, ident.user, timeout=timeout)
         if job.status.value == "SUCCESS":
             return self.job_answer(request, job, created)
         if prefers_async(request):
@@ -258,6 +275,7 @@ class Api:
         body = read_body(request)
         user = text_field(body, "target_user", limit=100)
         subdirectory = text_field(body, "subdirectory")
+        job_timeout = timeout_field(body)
         timeout = body.get("staging_timeout")
         if timeout is not None and timeout != "":
             try:
@@ -270,7 +288,7 @@ class Api:
                 raise ApiError(400, "staging_timeout must be a number of seconds") from None
         else:
             timeout = None
-        job, code = await self.bridge.submit_staging(user, subdirectory, ident.user, timeout)
+        job, code = await self.bridge.submit_staging(user, subdirectory, ident.user, timeout, job_timeout)
         return self.ok(request, 202, {"job_id": job.job_id, "authcode": code, "error": False,
                                       "status": job.status.value,
                                       "msg": "registered; the stager reports with /doneStaging"},

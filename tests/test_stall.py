@@ -1,0 +1,246 @@
+"""Stalled copies and per-request timeouts, end to end (SPEC "Months without a restart").
+
+A hung disk is simulated honestly: ``strace -f -p <twistd> -P <source file>
+-e inject=readv:delay_enter=…`` holds the copying thread inside its ``readv``
+system call of that one file (as a hung NFS read would: the thread neither
+returns nor looks at its stop flag), while every other thread and system call
+of the service runs untouched. The decision to end the job must therefore come
+from the reactor, and the job must end in Redis while the thread is still stuck.
+
+Per-request ``timeout_seconds`` is driven with the engine's test-only pause
+(``DTSBRIDGE_FAULT_PAUSE``), which keeps a copy busy without progress.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import DTS_TOKEN, DtsBridge, Response, leftovers, make_tree, wait_until
+from tests.redis_fixture import RedisProcess
+
+STRACE = shutil.which("strace") or "/usr/bin/strace"
+FAULT = "DTSBRIDGE_FAULT_PAUSE"
+
+
+def _threads(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+class Strace:
+    """``strace`` attached to every thread of a running process, delaying ``readv`` of one file."""
+
+    def __init__(self, tmp_path: Path, pid: int, path: Path, delay_us: int) -> None:
+        if not os.access(STRACE, os.X_OK):
+            pytest.skip("strace is not installed")
+        self.err = tmp_path / f"strace-{delay_us}.err"
+        with open(self.err, "wb") as errf:
+            self.proc = subprocess.Popen(
+                [STRACE, "-f", "-p", str(pid), "-P", str(path.resolve()), "-e", "trace=readv",
+                 "-e", f"inject=readv:delay_enter={delay_us}", "-o", str(tmp_path / f"strace-{delay_us}.out")],
+                stdout=subprocess.DEVNULL, stderr=errf)
+        n = _threads(pid)
+        try:
+            wait_until(lambda: self.text().count("attached") >= n or self.proc.poll() is not None,
+                       10, "strace to attach", self.text)
+        except AssertionError:
+            pass  # the thread count may have changed meanwhile; checked below
+        if self.proc.poll() is not None:
+            pytest.skip(f"strace cannot attach here (ptrace not permitted?): {self.text()}")
+        assert "attached" in self.text()
+
+    def text(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stop(self) -> None:
+        """Detach: a delayed system call goes on at once."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:  # its tracee was killed mid-delay
+                self.proc.kill()
+                self.proc.wait(10)
+
+
+class Call(threading.Thread):
+    """A synchronous /complete_transfer in the background (a waiting DTS)."""
+
+    def __init__(self, svc: DtsBridge, body: dict[str, Any]) -> None:
+        super().__init__(daemon=True)
+        self.svc, self.body = svc, body
+        self.response: Response | None = None
+        self.took: float | None = None
+
+    def run(self) -> None:
+        t = time.monotonic()
+        self.response = self.svc.call("POST", "/complete_transfer", token=DTS_TOKEN, json_body=self.body,
+                                      timeout=120)
+        self.took = time.monotonic() - t
+
+
+def only_job(svc: DtsBridge) -> dict[str, Any]:
+    jobs = svc.call("GET", "/jobs", token=DTS_TOKEN).json()["jobs"]
+    assert len(jobs) == 1, jobs
+    return jobs[0]
+
+
+@pytest.mark.timeout(150)
+def test_a_read_stuck_in_the_kernel_ends_the_job_stalled_and_leaves_nothing(tmp_path: Path,
+                                                                            redis_proc: RedisProcess,
+                                                                            services) -> None:
+    svc = services({"copy": {"stall_seconds": "2", "processes": "0"}}, start=False)
+    src = make_tree(svc.dts_root / "hung", {"big.bin": os.urandom(3 * 1024 * 1024), "small.txt": b"x" * 100})
+    svc.start()
+    tracer = Strace(tmp_path, svc.proc.pid, src / "big.bin", delay_us=120_000_000)  # 2 minutes per read
+    try:
+        call = Call(svc, {"target_user": "alice", "subdirectory": "hung"})
+        started = time.monotonic()
+        call.start()
+        # The copy's thread is stuck in readv: the temporary folder exists, nothing moves.
+        wait_until(lambda: leftovers(svc.user_root), 20, "the copy's temporary folder", svc.log_tail)
+        # Meanwhile the service answers, promptly.
+        job_id = only_job(svc)["job_id"]
+        for _ in range(5):
+            t = time.monotonic()
+            r = svc.status(job_id)
+            assert r.status == 200 and time.monotonic() - t < 2, r
+            time.sleep(0.2)
+        # The waiting caller gets the job's error answer within a bound, while the thread is still stuck.
+        call.join(30)
+        assert not call.is_alive(), "the waiting /complete_transfer was not answered"
+        assert call.response is not None and call.response.status == 500, call.response
+        err = call.response.json()["error"]
+        assert err["reason"] == "stalled" and err["job_id"] == job_id, err
+        assert time.monotonic() - started < 20
+        job = svc.status(job_id).json()
+        assert job["status"] == "ERROR" and job["reason"] == "stalled", job
+        assert "no bytes moved" in job["detailed_status"], job
+        assert tracer.proc.poll() is None, "strace let go too early: the thread was not stuck throughout"
+        assert leftovers(svc.user_root), "the stuck thread's folder went away although the thread never returned"
+        assert svc.call("GET", "/healthz").status == 200
+    finally:
+        tracer.stop()
+    # The thread comes back, sees the job is over and removes its temporary folder.
+    wait_until(lambda: not leftovers(svc.user_root), 20, "the temporary folder to be removed", svc.log_tail)
+    assert sorted(os.listdir(svc.user_root / "alice")) == []
+    assert svc.status(job_id).json()["status"] == "ERROR"
+    # And the service copies the same folder again once the disk is well.
+    r = svc.complete("alice", "hung")
+    assert r.status == 201, r
+    assert (svc.user_root / "alice" / "hung" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+@pytest.mark.timeout(150)
+def test_a_process_killed_while_its_copy_is_stuck_is_cleaned_up_by_recovery(tmp_path: Path,
+                                                                            redis_proc: RedisProcess,
+                                                                            services) -> None:
+    svc = services({"copy": {"stall_seconds": "2", "processes": "0"}}, start=False)
+    src = make_tree(svc.dts_root / "hung", {"big.bin": os.urandom(2 * 1024 * 1024)})
+    svc.start()
+    tracer = Strace(tmp_path, svc.proc.pid, src / "big.bin", delay_us=120_000_000)
+    try:
+        r = svc.complete("alice", "hung", asynchronous=True)
+        assert r.status == 202, r
+        job_id = r.json()["job_id"]
+        job = svc.wait_status(job_id, {"ERROR", "SUCCESS"}, timeout=30)
+        assert job["reason"] == "stalled", job
+        assert leftovers(svc.user_root)
+        os.killpg(svc.proc.pid, signal.SIGKILL)  # the thread never returned
+    finally:
+        tracer.stop()  # a traced process is reaped only once its tracer lets go
+    svc.proc.wait(10)
+    assert leftovers(svc.user_root), "nothing was left to recover"
+    svc.start()
+    wait_until(lambda: not leftovers(svc.user_root), 30, "recovery to remove the temporary folder", svc.log_tail)
+    job = svc.status(job_id).json()
+    assert job["status"] == "ERROR" and job["reason"] == "stalled", job
+    assert os.listdir(svc.user_root / "alice") == []
+
+
+@pytest.mark.timeout(150)
+def test_a_slow_copy_that_keeps_moving_is_not_stalled(tmp_path: Path, redis_proc: RedisProcess, services) -> None:
+    """Every 256 KiB read waits 0.25 s: the copy takes ~4 s, longer than stall_seconds, but bytes move."""
+    svc = services({"copy": {"stall_seconds": "2.5", "processes": "0"}}, start=False)
+    src = make_tree(svc.dts_root / "slow", {"big.bin": os.urandom(4 * 1024 * 1024)})
+    svc.start()
+    tracer = Strace(tmp_path, svc.proc.pid, src / "big.bin", delay_us=250_000)
+    try:
+        t = time.monotonic()
+        r = svc.complete("alice", "slow")
+        took = time.monotonic() - t
+    finally:
+        tracer.stop()
+    assert r.status == 201, r
+    assert took > 3, f"the reads were not slowed ({took:.1f} s)"
+    assert (svc.user_root / "alice" / "slow" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+@pytest.mark.timeout(120)
+def test_timeout_seconds_ends_running_queued_and_staging_jobs(tmp_path: Path, redis_proc: RedisProcess,
+                                                              services) -> None:
+    # One copy at a time, paused 8 s after its first chunk (busy, no progress); stall detection off.
+    svc = services({"copy": {"max_jobs": "1", "stall_seconds": "0", "processes": "0"}},
+                   env={FAULT: "copy:8"}, start=False)
+    make_tree(svc.dts_root / "first", {"big.bin": os.urandom(1024 * 1024)})
+    make_tree(svc.dts_root / "second", {"a.txt": b"a"})
+    svc.start()
+    running = Call(svc, {"target_user": "alice", "subdirectory": "first", "timeout_seconds": 2})
+    running.start()
+    wait_until(lambda: "fault point copy reached" in svc.log_text(), 20, "the copy to start", svc.log_tail)
+    queued = svc.call("POST", "/complete_transfer", token=DTS_TOKEN, headers={"Prefer": "respond-async"},
+                      json_body={"target_user": "alice", "subdirectory": "second", "timeout_seconds": "1.5"})
+    assert queued.status == 202, queued
+    staged = svc.call("POST", "/submitTransfer", token=DTS_TOKEN,
+                      json_body={"target_user": "bob", "subdirectory": "third", "timeout_seconds": 1})
+    assert staged.status == 202, staged
+    running.join(20)
+    assert running.response is not None and running.response.status == 500, running.response
+    err = running.response.json()["error"]
+    assert err["reason"] == "timeout", err
+    assert running.took < 6, running.took  # not after the 8 s pause
+    for job_id in (err["job_id"], queued.json()["job_id"], staged.json()["job_id"]):
+        job = svc.wait_status(job_id, {"ERROR", "SUCCESS", "CANCELLED"}, timeout=10)
+        assert job["status"] == "ERROR" and job["reason"] == "timeout", job
+    # The queued job was never copied, even after the first one's thread let go.
+    wait_until(lambda: not leftovers(svc.user_root), 20, "the paused copy to clean up", svc.log_tail)
+    time.sleep(1.5)
+    assert os.listdir(svc.user_root / "alice") == []
+    assert svc.status(queued.json()["job_id"]).json()["status"] == "ERROR"
+    # A later request for the same folder is a new job, and copies it.
+    r = svc.complete("alice", "second")
+    assert r.status == 201 and r.json()["job_id"] != queued.json()["job_id"], r
+
+
+@pytest.mark.timeout(60)
+def test_bad_timeout_seconds_is_400_and_creates_nothing(tmp_path: Path, redis_proc: RedisProcess,
+                                                        services) -> None:
+    svc = services()
+    make_tree(svc.dts_root / "f", {"a.txt": b"a"})
+    for bad in ('0', '-1', '"abc"', 'true', '"nan"', '"inf"', '[]', '{"s": 1}', '1e400', '"0"'):
+        for path in ("/complete_transfer", "/submitTransfer"):
+            raw = b'{"target_user": "alice", "subdirectory": "f", "timeout_seconds": %s}' % bad.encode()
+            r = svc.call("POST", path, token=DTS_TOKEN, raw=raw, headers={"Content-Type": "application/json"})
+            assert r.status == 400, (path, bad, r)
+            assert "timeout_seconds" in r.json()["error"]["message"]
+    assert svc.call("GET", "/jobs", token=DTS_TOKEN).json()["jobs"] == []
+    # A good one is accepted, recorded and shown.
+    r = svc.call("POST", "/complete_transfer", token=DTS_TOKEN, form={
+        "target_user": "alice", "subdirectory": "f", "timeout_seconds": "30"})
+    assert r.status == 201, r
+    assert svc.status(r.json()["job_id"]).json()["timeout_seconds"] == 30
+
+
+def test_openapi_names_timeout_seconds() -> None:
+    from dtsbridge.openapi import spec
+    schemas = spec("test")["components"]["schemas"]
+    for name in ("TransferRequest", "SubmitRequest"):
+        assert schemas[name]["properties"]["timeout_seconds"]["type"] == "number"
