@@ -228,6 +228,7 @@ class Bridge:
         # (in a thread: the check resolves the DTS root's real path).
         try:
             rel = await self.run_in_thread(_staging_rel, self.config.dts_root, subdirectory)
+            engine.check_not_reserved(rel.rsplit("/", 1)[-1])
         except errors.TransferError as e:
             raise RequestError(e.http_status, e.message, reason=e.reason) from None
         if not rel:
@@ -443,7 +444,7 @@ class Bridge:
                     engine.find_published, cfg.user_root, dest_parts, source.name,
                     int(job.extra["publish_dev"]), int(job.extra["publish_ino"]))
                 if name is not None:
-                    await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
+                    await self._cleanup_temps(job, dest_parts)
                     self.log.info("job {job_id}: found its folder {name} published before a crash",
                                   job_id=job.job_id, name=name)
                     files = int(job.extra.get("publish_files") or job.files_total or 0)
@@ -454,7 +455,7 @@ class Bridge:
                         "detailed_status": f"published {name} (recovered after a restart)"}
                 await self._retrying("clearing a dead attempt's publish record", job.job_id,
                                      lambda: self.store.unfence(job.job_id, run.token))
-            await self.run_in_thread(engine.cleanup_temp, cfg.user_root, dest_parts, job.job_id)
+            await self._cleanup_temps(job, dest_parts)
             uid, gid = await self.run_in_thread(self._ownership, job.target_user)
             options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,
                                          max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads,
@@ -484,10 +485,34 @@ class Bridge:
                         "publish_tmp": tmpname, "publish_dev": dev, "publish_ino": ino,
                         "publish_files": run.files_total, "publish_bytes": run.bytes_total}))))
 
-            result = await self.run_in_thread(
-                engine.copy_tree, cfg.dts_root, source, cfg.user_root, dest_parts, job.job_id, attempt, options,
-                on_plan=on_plan, on_progress=on_progress, should_stop=run.stop.is_set,
-                before_publish=before_publish, executor=self.executor)
+            made: list[engine.TempRecord] = []
+
+            def record_temp(word: str) -> bool:
+                return blockingCallFromThread(self.reactor, lambda: ensureDeferred(self._retrying(
+                    "recording the temporary folder", run.job_id,
+                    lambda: self.store.add_temp(run.job_id, run.token, word))))
+
+            def on_temp(record: engine.TempRecord) -> None:
+                made.append(record)
+                if not record_temp(record.encode()):
+                    raise errors.TransferError(errors.CANCELLED, "lost claim")
+
+            # Recorded before the folder is made (then with its inode as soon as it is), so
+            # that a crash at any moment leaves a folder a later cleanup knows to be ours.
+            pending = engine.TempRecord(attempt).encode()
+            if not await self._retrying("recording the temporary folder", run.job_id,
+                                        lambda: self.store.add_temp(run.job_id, run.token, pending)):
+                raise errors.TransferError(errors.CANCELLED, "lost claim")
+            try:
+                result = await self.run_in_thread(
+                    engine.copy_tree, cfg.dts_root, source, cfg.user_root, dest_parts, job.job_id, attempt, options,
+                    on_plan=on_plan, on_progress=on_progress, should_stop=run.stop.is_set,
+                    before_publish=before_publish, on_temp=on_temp, executor=self.executor)
+            except Exception:
+                # copy_tree removed its folder; make sure (by inode) before forgetting it.
+                await self._settle_attempt(job.job_id, dest_parts, attempt, made or [engine.TempRecord(attempt)])
+                raise
+            await self._settle_attempt(job.job_id, dest_parts, attempt, [])  # published: nothing to remove
         except errors.TransferError as e:
             if e.reason == errors.CANCELLED:
                 return "CANCELLED", {"detailed_status": "cancelled; everything made for it was removed"}
@@ -610,12 +635,38 @@ class Bridge:
                 self.metrics.job_seconds.labels("ERROR").observe(now - run.started)
                 self._notify(run.job_id)
 
+    async def _cleanup_temps(self, job: Job, dest_parts: list[str]) -> int:
+        """Remove the temporary folders earlier attempts of ``job`` recorded making, then forget them.
+
+        Each is checked by device, inode, birth time and owner (engine.cleanup_temp),
+        never taken on its name: a look-alike the user or DTS made is left alone.
+        """
+        records = engine.TempRecord.decode_all(job.extra.get("temp_dirs"))
+        if not records:
+            return 0
+        n = await self.run_in_thread(engine.cleanup_temp, self.config.user_root, dest_parts, job.job_id, records)
+        try:
+            await self.store.drop_temps(job.job_id, [r.attempt for r in records])
+        except StoreUnavailable as e:  # kept: checked again, harmlessly, by the next cleanup
+            self.log.warn("job {job_id}: could not forget its temporary folder records: {e}", job_id=job.job_id, e=e)
+        return n
+
+    async def _settle_attempt(self, job_id: str, dest_parts: list[str], attempt: str,
+                              records: list[engine.TempRecord]) -> None:
+        """After copy_tree: remove what is left of this attempt's folder (if anything), forget its record."""
+        try:
+            if records:
+                await self.run_in_thread(engine.cleanup_temp, self.config.user_root, dest_parts, job_id, records)
+            await self.store.drop_temps(job_id, [attempt])
+        except (errors.TransferError, StoreUnavailable) as e:  # the record stays for a later cleanup
+            self.log.warn("job {job_id}: attempt {attempt} not settled: {e}", job_id=job_id, attempt=attempt, e=e)
+
     async def _cleanup_ended(self, job_id: str) -> None:
         job = await self.store.get_job(job_id)
         if job is None or not job.dest_parts:
             return
         parts = [p for p in job.dest_parts.split("/") if p]
-        n = await self.run_in_thread(engine.cleanup_temp, self.config.user_root, parts, job_id)
+        n = await self._cleanup_temps(job, parts)
         if n:
             self.log.info("job {job_id}: removed {n} temporary folders of a dead attempt", job_id=job_id, n=n)
 

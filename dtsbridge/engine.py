@@ -90,10 +90,12 @@ from dtsbridge.errors import (
 __all__ = [
     "CHUNK",
     "CopyOptions",
+    "check_not_reserved",
     "Plan",
     "Manifest",
     "Result",
     "Source",
+    "TempRecord",
     "cleanup_temp",
     "copy_tree",
     "ensure_dir",
@@ -122,6 +124,9 @@ PROGRESS_STEP = 1024 * 1024
 #: Permission bits a copied file or folder may keep: the owner's and group's rwx and
 #: the others' r-x.  Never world-writable, never setuid, setgid or sticky (README: Security).
 MODE_MASK = 0o775
+#: Names the engine makes beside a user's folders (temporary folders): a DTS folder
+#: so named is refused, never published under a name that a cleanup might take for its own.
+RESERVED_PREFIX = ".dtsbridge-"
 
 #: Set to False to force the portable component walk instead of openat2
 #: (tests do; it is also switched off automatically on ENOSYS).
@@ -339,6 +344,61 @@ class CopyOptions:
     #: ``auto``: clone files (``FICLONE``) when source and destination share a filesystem that can;
     #: ``never``: always copy.  See :func:`_clone`.
     reflink: str = "auto"
+
+
+@attrs.frozen
+class TempRecord:
+    """What an attempt made: its temporary folder, identified by device, inode, birth time and owners.
+
+    A cleanup removes a temporary folder only when the folder now at its name is
+    this very one (device, inode and, where the filesystem records it, birth
+    time, so a reused inode number does not pass) and belongs to one of ``uids``
+    (the service, and the owner the copy gives it before publishing): never on
+    the strength of its name.  A record with ``ino == 0`` is *pending*: written
+    before the folder was made, so a crash between ``mkdir`` and recording the
+    inode leaves a folder the cleanup still knows; such a folder is only ever
+    removed while empty, 0700 and the service's (nothing is written into a
+    temporary folder before its inode is recorded).
+
+    ``encode()``/``decode()`` give the one-word form kept in the job's Redis record.
+    """
+
+    attempt: str
+    dev: int = 0
+    ino: int = 0
+    btime_ns: int = 0
+    uids: tuple[int, ...] = ()
+
+    @property
+    def pending(self) -> bool:
+        return self.ino == 0
+
+    def encode(self) -> str:
+        if self.pending:
+            return self.attempt
+        return f"{self.attempt}:{self.dev}:{self.ino}:{self.btime_ns}:{','.join(str(u) for u in self.uids)}"
+
+    @classmethod
+    def decode(cls, word: str) -> "TempRecord":
+        """One record; raises ValueError for a malformed one."""
+        attempt, *rest = word.split(":")
+        if not _ATTEMPT_RE.fullmatch(attempt):
+            raise ValueError(f"bad temporary folder record {word!r}")
+        if not rest:
+            return cls(attempt)
+        dev, ino, btime, uids = rest
+        return cls(attempt, int(dev), int(ino), int(btime), tuple(int(u) for u in uids.split(",") if u))
+
+    @classmethod
+    def decode_all(cls, text: str | None) -> list["TempRecord"]:
+        """Every well-formed record of a space-separated list (malformed words are skipped)."""
+        out = []
+        for word in (text or "").split():
+            try:
+                out.append(cls.decode(word))
+            except ValueError:
+                log.warning("ignoring a malformed temporary folder record %r", word)
+        return out
 
 
 @attrs.frozen
@@ -596,9 +656,18 @@ def resolve_source(dts_root: str, subdirectory: str) -> Source:
         rel = normalize_relpath(subdirectory)
     if not rel:
         raise TransferError(BAD_REQUEST, "subdirectory names the DTS area itself")
+    name = rel.rsplit("/", 1)[-1]
+    check_not_reserved(name)
     with _fd(_open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
         _close(_open_source_dir(rootfd, rel))
-    return Source(rel=rel, name=rel.rsplit("/", 1)[-1])
+    return Source(rel=rel, name=name)
+
+
+def check_not_reserved(name: str) -> None:
+    """A transfer folder is published under its own name: refuse the names the engine keeps for itself."""
+    if name.startswith(RESERVED_PREFIX):
+        raise TransferError(BAD_REQUEST, f"folder names beginning with {RESERVED_PREFIX!r} are reserved "
+                                         f"for dtsbridge's temporary folders: {name!r}")
 
 
 def valid_username(name: str) -> bool:
@@ -808,27 +877,68 @@ def _rmtree_at(parentfd: int, name: str, expect: tuple[int, int] | None = None) 
     return True
 
 
-def cleanup_temp(user_root: str, dest_parts: list[str], job_id: str, keep_attempt: str | None = None) -> int:
-    """Remove every ``.dtsbridge-<job_id>-<attempt>.tmp`` folder of a job; returns the count."""
+def cleanup_temp(user_root: str, dest_parts: list[str], job_id: str, records: list[TempRecord]) -> int:
+    """Remove the temporary folders that ``records`` say a job's attempts made; returns how many.
+
+    Only a folder that is still the very one recorded is removed (see
+    :class:`TempRecord`): a look-alike at one of the names (the user may create,
+    rename and swap anything in their own folder) is left alone, whatever it is
+    called.  Raises TransferError when a removal fails.
+    """
     _temp_name(job_id, "0")
-    pat = re.compile(r"\.dtsbridge-" + re.escape(job_id) + r"-([A-Za-z0-9_]{1,64})\.tmp")
+    if not records:
+        return 0
     pfd = _open_parent_or_none(user_root, dest_parts)
     if pfd is None:
         return 0
     removed = 0
     try:
-        for name in os.listdir(pfd):
-            m = pat.fullmatch(name)
-            if m is None or m.group(1) == keep_attempt:
-                continue
+        dev, mnt = os.fstat(pfd).st_dev, _mnt_id(pfd)
+        for rec in records:
+            name = _temp_name(job_id, rec.attempt)
             try:
-                if _rmtree_at(pfd, name):
+                if _remove_recorded(pfd, name, rec, dev, mnt):
                     removed += 1
             except OSError as exc:
                 raise TransferError(_reason_for(exc), f"cannot remove {name!r}: {exc}") from None
     finally:
         os.close(pfd)
     return removed
+
+
+def _is_recorded(fd: int, rec: TempRecord) -> bool:
+    """Whether the open folder ``fd`` is the one ``rec`` describes (device, inode, birth time, owner)."""
+    st = os.fstat(fd)
+    if rec.pending:  # made by this service, never chowned, never written into: 0700 and empty
+        return (st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) == 0o700
+                and not os.listdir(fd))
+    if (st.st_dev, st.st_ino) != (rec.dev, rec.ino) or st.st_uid not in rec.uids:
+        return False
+    return not rec.btime_ns or _btime_ns(fd) in (0, rec.btime_ns)
+
+
+def _remove_recorded(parentfd: int, name: str, rec: TempRecord, dev: int, mnt: int | None) -> bool:
+    fd = _open_subdir(parentfd, name, dev, mnt)
+    if fd is None:
+        return False
+    with _fd(fd):
+        if not _is_recorded(fd, rec):
+            log.warning("%s is not the temporary folder this job made; left alone", name)
+            return False
+        if not rec.pending:
+            _empty_dir(fd)
+        # rmdir goes by name: make sure the name still is this folder (a swap in between
+        # could at most lose an empty folder, as rmdir never removes a non-empty one).
+        st, now = os.fstat(fd), os.stat(name, dir_fd=parentfd, follow_symlinks=False)
+        if (st.st_dev, st.st_ino) != (now.st_dev, now.st_ino):
+            return False
+    try:
+        os.rmdir(name, dir_fd=parentfd)
+    except OSError as exc:
+        if exc.errno in (errno.ENOENT, errno.ENOTEMPTY, errno.EEXIST):
+            return False
+        raise
+    return True
 
 
 def temp_exists(user_root: str, dest_parts: list[str], job_id: str, attempt: str) -> bool:
@@ -2263,13 +2373,17 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
               on_progress: Callable[[int, int], None] = lambda files_done, bytes_done: None,
               should_stop: Callable[[], bool] = lambda: False,
               before_publish: Callable[[str, int, int], bool] = lambda tmpname, dev, ino: True,
+              on_temp: Callable[[TempRecord], None] = lambda record: None,
               executor: concurrent.futures.Executor | None = None,
               resume_from: tuple[str, int, int] | None = None) -> Result:
     """Copy ``source`` into ``user_root/dest_parts.../<name>``, verified, owned, published atomically.
 
     ``dest_parts[0]`` (the user's folder) must exist; later components are
-    created when missing.  Raises TransferError on any failure, after removing
-    the temporary folder.
+    created when missing.  ``on_temp`` gets the :class:`TempRecord` of the
+    temporary folder as soon as it is made, before anything is written into it
+    (record it durably: it is what lets :func:`cleanup_temp` remove it after a
+    crash).  Raises TransferError on any failure, after removing the temporary
+    folder.
 
     ``resume_from`` (``name, device, inode``) names an earlier attempt's
     temporary folder beside this one (the caller knows it from its own
@@ -2287,6 +2401,7 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
     if not rel:
         raise TransferError(BAD_REQUEST, "the source names the DTS area itself")
     name = rel.rsplit("/", 1)[-1]
+    check_not_reserved(name)
 
     rootfd = srcfd = parentfd = tmpfd = None
     tmp_id: tuple[int, int] | None = None
@@ -2302,6 +2417,7 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
         # (4) destination parent, (5) our temp folder.
         parentfd = _walk_dest(user_root, list(dest_parts), options.uid, options.gid, 1)
         tmpfd, tmp_id = _make_temp(parentfd, tmpname)
+        on_temp(_temp_record(tmpfd, attempt, options.uid))
         # (6) folders, then files in parallel (less those kept from an earlier attempt).
         job = _Job(srcfd, tmpfd, plan.dev, plan, options, on_progress, should_stop)
         for d in sorted(plan.dir_list, key=lambda d: d.rel.count("/")):
@@ -2375,18 +2491,9 @@ def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:
     try:
         os.mkdir(tmpname, 0o700, dir_fd=parentfd)
     except FileExistsError:
-        # A leftover of this very attempt (crash): remove it if it is a real folder.
-        try:
-            st = os.stat(tmpname, dir_fd=parentfd, follow_symlinks=False)
-        except FileNotFoundError:
-            st = None
-        if st is not None and not (stat.S_ISDIR(st.st_mode)):
-            raise TransferError(UNSAFE_DESTINATION, f"{tmpname!r} exists and is not a folder") from None
-        _rmtree_at(parentfd, tmpname)
-        try:
-            os.mkdir(tmpname, 0o700, dir_fd=parentfd)
-        except FileExistsError:
-            raise TransferError(UNSAFE_DESTINATION, f"{tmpname!r} keeps reappearing") from None
+        # Every attempt has a name of its own: whatever is there was not made by this
+        # attempt (a planted look-alike, or a leftover only cleanup_temp may judge). Left alone.
+        raise TransferError(UNSAFE_DESTINATION, f"{tmpname!r} already exists; it is left alone") from None
     try:
         fd = os.open(tmpname, _DIR_FLAGS, dir_fd=parentfd)
     except OSError as exc:
@@ -2396,6 +2503,20 @@ def _make_temp(parentfd: int, tmpname: str) -> tuple[int, tuple[int, int]]:
         os.close(fd)
         raise TransferError(UNSAFE_DESTINATION, f"temporary folder {tmpname!r} is not ours")
     return fd, (st.st_dev, st.st_ino)
+
+
+def _btime_ns(fd: int) -> int:
+    """The folder's birth time in ns (statx STATX_BTIME); 0 when the filesystem does not record it."""
+    sx = _statx(fd, b"", AT_EMPTY_PATH, STATX_BTIME)
+    if sx is None or not sx.stx_mask & STATX_BTIME:
+        return 0
+    return _ns(sx.stx_btime)
+
+
+def _temp_record(tmpfd: int, attempt: str, uid: int | None) -> TempRecord:
+    st = os.fstat(tmpfd)
+    uids = (st.st_uid,) if uid is None or uid == st.st_uid else (st.st_uid, uid)
+    return TempRecord(attempt, st.st_dev, st.st_ino, _btime_ns(tmpfd), uids)
 
 
 def _remove_temp(parentfd: int, tmpname: str, tmp_id: tuple[int, int], tmpfd: int | None = None) -> None:

@@ -246,6 +246,42 @@ redis.call('HDEL', key, 'publishing', 'publish_tmp', 'publish_dev', 'publish_ino
 return 1
 """
 
+# The temporary folders a job's attempts made (engine.TempRecord words, space-separated, in the
+# job's ``temp_dirs`` field), so that any later cleanup removes them by inode, never by name.
+_TEMP_WORDS = """
+local function temp_words(key, drop)
+  local out = {}
+  for w in string.gmatch(redis.call('HGET', key, 'temp_dirs') or '', '%S+') do
+    if not drop[string.match(w, '^[^:]+')] then table.insert(out, w) end
+  end
+  return out
+end
+local function set_words(key, out)
+  if #out == 0 then redis.call('HDEL', key, 'temp_dirs')
+  else redis.call('HSET', key, 'temp_dirs', table.concat(out, ' ')) end
+end
+"""
+
+# ARGV: prefix, id, token, record ; 1 when the claim holds (the record replaces its attempt's earlier one)
+_ADD_TEMP = _TEMP_WORDS + """
+local key = ARGV[1] .. ':job:' .. ARGV[2]
+if redis.call('HGET', key, 'claim') ~= ARGV[3] then return 0 end
+local out = temp_words(key, {[string.match(ARGV[4], '^[^:]+')] = true})
+table.insert(out, ARGV[4])
+set_words(key, out)
+return 1
+"""
+
+# ARGV: prefix, id, attempt, ... ; forget these attempts' records (their folders are gone or not ours)
+_DROP_TEMPS = _TEMP_WORDS + """
+local key = ARGV[1] .. ':job:' .. ARGV[2]
+if redis.call('EXISTS', key) == 0 then return 0 end
+local drop = {}
+for i = 3, #ARGV do drop[ARGV[i]] = true end
+set_words(key, temp_words(key, drop))
+return 1
+"""
+
 # ARGV: prefix, id, token, status, iso_now, field, value, ... ; returns the status the job ends in, or false
 _FINISH = _NOW + _UNCOUNT + _FORGET + """
 local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
@@ -698,6 +734,15 @@ class Store:
     async def unfence(self, job_id: str, token: str) -> bool:
         """Forget a dead attempt's publish record once it is known not to have published."""
         return bool(await self._eval(_UNFENCE, [], [job_id, token]))
+
+    async def add_temp(self, job_id: str, token: str, record: str) -> bool:
+        """Record a temporary folder of the attempt holding ``token`` (an ``engine.TempRecord`` word)."""
+        return bool(await self._eval(_ADD_TEMP, [], [job_id, token, record]))
+
+    async def drop_temps(self, job_id: str, attempts: list[str]) -> None:
+        """Forget the temporary folder records of these attempts."""
+        if attempts:
+            await self._eval(_DROP_TEMPS, [], [job_id, *attempts])
 
     async def finish(self, job_id: str, token: str, status: str, iso_now: str, fields: dict[str, Any]) -> str | None:
         """Record the final state if the claim still holds; the status the job ended in, or None."""

@@ -855,14 +855,19 @@ def test_enospc(tmp_path: Path, workers: int) -> None:
 # Crash recovery helpers
 
 
-def test_stale_temp_of_same_attempt_is_replaced(env: Env) -> None:
+def test_folder_at_this_attempts_temp_name_is_left_alone(env: Env) -> None:
+    """Attempts have names of their own: something already at ours was not made by this attempt. Kept, job fails.
+
+    Before: it was removed, files and all, on the strength of its name.
+    """
     env.src()
-    stale = env.alice / f".dtsbridge-{JOB}-1.tmp"
-    stale.mkdir()
-    (stale / "junk").write_bytes(b"old")
-    r = env.copy()
-    assert r.name == "dts-1"
-    assert env.user_listing() == ["dts-1"]
+    planted = env.alice / f".dtsbridge-{JOB}-1.tmp"
+    planted.mkdir()
+    (planted / "precious").write_bytes(b"mine")
+    with raises(E.UNSAFE_DESTINATION):
+        env.copy()
+    assert (planted / "precious").read_bytes() == b"mine"
+    assert env.user_listing() == [planted.name]
 
 
 def test_planted_link_at_temp_name(env: Env) -> None:
@@ -874,20 +879,59 @@ def test_planted_link_at_temp_name(env: Env) -> None:
     assert os.path.islink(env.alice / f".dtsbridge-{JOB}-1.tmp")
 
 
-def test_cleanup_temp(env: Env) -> None:
-    for name in (f".dtsbridge-{JOB}-1.tmp", f".dtsbridge-{JOB}-2.tmp", f".dtsbridge-{JOB}-3.tmp",
-                 f".dtsbridge-{JOB}-x-1.tmp", ".dtsbridge-other-1.tmp", "dts-1"):
-        (env.alice / name).mkdir()
-    (env.alice / f".dtsbridge-{JOB}-1.tmp" / "f").write_bytes(b"x")
+def dead_attempt(env: Env, attempt: str, uid: int | None = None, parts: list[str] | None = None) -> engine.TempRecord:
+    """A real attempt whose process dies (``os._exit``) at the publish fence: its temporary folder stays.
+
+    Returns the record the attempt handed to ``on_temp`` (what the service keeps in Redis).
+    """
+    env.src()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child copies, then "crashes" just before publishing
+        try:
+            os.close(r)
+            env.copy(attempt=attempt, parts=parts, options=CopyOptions(fsync=False, workers=1, uid=uid, gid=uid),
+                     on_temp=lambda rec: os.write(w, rec.encode().encode()),
+                     before_publish=lambda *a: os._exit(0))
+        finally:
+            os._exit(1)
+    os.close(w)
+    data = b""
+    while chunk := os.read(r, 4096):
+        data += chunk
+    os.close(r)
+    assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    rec = engine.TempRecord.decode(data.decode())
+    assert not rec.pending and rec.attempt == attempt
+    return rec
+
+
+def test_temp_record_encoding() -> None:
+    rec = engine.TempRecord("a1", 2049, 123456, 1_700_000_000_123_456_789, (0, 4242))
+    assert engine.TempRecord.decode(rec.encode()) == rec
+    assert engine.TempRecord.decode("a1") == engine.TempRecord("a1") and engine.TempRecord("a1").pending
+    assert engine.TempRecord.decode_all(f"x {rec.encode()} bad/one a:1 y") == [
+        engine.TempRecord("x"), rec, engine.TempRecord("y")]
+
+
+def test_cleanup_temp_removes_recorded_attempts(env: Env) -> None:
+    """A dead attempt's folder (chowned to the user before the fence, or not) and a pending one are removed."""
+    rec1 = dead_attempt(env, "1")
+    rec2 = dead_attempt(env, "2", uid=4242)
+    assert rec2.uids == (os.geteuid(), 4242)
+    assert os.stat(env.alice / f".dtsbridge-{JOB}-2.tmp").st_uid == 4242
+    pfd = os.open(env.alice, os.O_RDONLY | os.O_DIRECTORY)
+    os.close(engine._make_temp(pfd, f".dtsbridge-{JOB}-3.tmp")[0])     # crashed before its inode was recorded
+    os.close(pfd)
+    (env.alice / "dts-1").mkdir()
     os.symlink(env.outside / "sub", env.alice / f".dtsbridge-{JOB}-1.tmp" / "link")
-    os.symlink(env.outside, env.alice / f".dtsbridge-{JOB}-9.tmp")
+    recs = [rec1, rec2, engine.TempRecord("3"), engine.TempRecord("4"), rec1]
     with untouched_outside(env):
-        assert engine.cleanup_temp(str(env.users), ["alice"], JOB, keep_attempt="3") == 2
-    assert env.user_listing() == sorted([f".dtsbridge-{JOB}-3.tmp", f".dtsbridge-{JOB}-x-1.tmp",
-                                         f".dtsbridge-{JOB}-9.tmp", ".dtsbridge-other-1.tmp", "dts-1"])
-    assert engine.cleanup_temp(str(env.users), ["alice"], JOB) == 1
-    assert engine.cleanup_temp(str(env.users), ["alice", "missing"], JOB) == 0
-    assert engine.cleanup_temp(str(env.users), ["nobody"], JOB) == 0
+        assert engine.cleanup_temp(str(env.users), ["alice"], JOB, recs) == 3
+    assert env.user_listing() == ["dts-1"]
+    assert engine.cleanup_temp(str(env.users), ["alice"], JOB, recs) == 0
+    assert engine.cleanup_temp(str(env.users), ["alice", "missing"], JOB, recs) == 0
+    assert engine.cleanup_temp(str(env.users), ["nobody"], JOB, recs) == 0
 
 
 def test_find_published(env: Env) -> None:
@@ -908,6 +952,30 @@ def test_find_published(env: Env) -> None:
     os.rename(env.alice / "dts-1-200", env.tmp / "moved")
     os.symlink(env.tmp / "moved", env.alice / "dts-1-1")
     assert engine.find_published(users, parts, "dts-1", r.dev, r.ino) is None
+
+
+@pytest.mark.parametrize("sub", ["alice/.dtsbridge-job1-1.tmp", ".dtsbridge-x", "alice/.dtsbridge-", "ABS"])
+def test_reserved_names_refused(env: Env, resolver: str, sub: str) -> None:
+    """A DTS folder named like the engine's own temporary folders is refused (400) before anything is made.
+
+    Before: it was published under that name, and the job it imitates later removed
+    it, files and all, as its own temporary folder.
+    """
+    rel = "alice/.dtsbridge-job1-1.tmp" if sub == "ABS" else sub
+    src = env.src(rel.split("/", 1)[1]) if "/" in rel else env.dts / rel
+    src.mkdir(parents=True, exist_ok=True)
+    (src / "f").write_bytes(b"f")
+    request = str(env.dts / rel) if sub == "ABS" else rel
+    with untouched(env):
+        with raises(E.BAD_REQUEST):
+            engine.resolve_source(str(env.dts), request)
+        with raises(E.BAD_REQUEST):
+            env.copy(rel)
+    # Inside a transfer such names are just names (never beside a temporary folder).
+    ok = env.src("ok")
+    (ok / ".dtsbridge-job1-1.tmp").mkdir()
+    assert engine.resolve_source(str(env.dts), "alice/ok").name == "ok"
+    assert env.copy("alice/ok").name == "ok"
 
 
 def test_temp_exists(env: Env) -> None:

@@ -26,7 +26,7 @@ import pytest
 from dtsbridge import engine
 from dtsbridge import errors as E
 from dtsbridge.engine import CopyOptions, Source, TransferError
-from tests.test_engine import JOB, Env as EngineEnv, resolver, untouched_outside  # noqa: F401  (shared fixture)
+from tests.test_engine import JOB, Env as EngineEnv, dead_attempt, resolver, untouched_outside  # noqa: F401
 
 RENAME_EXCHANGE = 2
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -183,11 +183,11 @@ def test_cleanup_temp_race_never_opens_a_planted_link(env: Env) -> None:
     rounds = 0
     with FifoTrap(env.outside) as trap:
         while time.monotonic() < deadline and trap.hits == 0:
-            look_alike = env.temp("7")
-            look_alike.mkdir()
+            rec = dead_attempt(env, f"r{rounds}")
+            look_alike = env.temp(f"r{rounds}")          # a real dead attempt's folder, filled with flippers
             with Flipper(look_alike, trap.path, 40):
                 try:
-                    run_bounded(lambda: engine.cleanup_temp(str(env.users), ["alice"], JOB))
+                    run_bounded(lambda: engine.cleanup_temp(str(env.users), ["alice"], JOB, [rec]))
                 except TransferError:
                     pass  # a race may make removal fail; it must never go through a link
             rounds += 1
@@ -254,13 +254,12 @@ def test_failed_copy_of_a_deep_tree_leaves_nothing(env: Env) -> None:
 
 
 @pytest.mark.timeout(120)
-def test_cleanup_temp_of_a_very_deep_look_alike(env: Env) -> None:
-    """A user-made ``.dtsbridge-<job>-*.tmp`` 3000 levels deep: removed, no RecursionError, no fd pile-up."""
-    look_alike = env.temp("5")
-    look_alike.mkdir()
-    make_deep(look_alike, 3000)
+def test_cleanup_temp_of_a_very_deep_temp(env: Env) -> None:
+    """A dead attempt's folder grown 3000 levels deep: removed, no RecursionError, no fd pile-up."""
+    rec = dead_attempt(env, "5")
+    make_deep(env.temp("5"), 3000)
     before = open_fds()
-    assert engine.cleanup_temp(str(env.users), ["alice"], JOB) == 1
+    assert engine.cleanup_temp(str(env.users), ["alice"], JOB, [rec]) == 1
     assert os.listdir(env.alice) == []
     assert open_fds() == before
 
@@ -486,3 +485,102 @@ def test_manifest_parse_bomb_is_refused_before_parsing(tmp_path: Path) -> None:
         tracemalloc.stop()
     assert e.value.reason == MANIFEST_MISMATCH and "not a manifest" in e.value.message
     assert peak < 40 * 1024 * 1024, f"parsing was attempted: peak {peak} bytes"
+
+
+# ---------------------------------------------------------------------------
+# Issue 9 item 14: cleanups went by name.  A folder named like a job's temporary
+# folder (published from a DTS folder so named, or made by the user) was removed,
+# files and all, by that job's cleanup.  Now only what the job recorded is removed:
+# same device, inode, birth time and an owner it gave it.
+
+USER = 4242
+
+
+def planted(path: Path, uid: int = USER, mode: int = 0o755) -> Path:
+    path.mkdir()
+    (path / "precious.txt").write_bytes(b"the user's data\n")
+    os.chown(path / "precious.txt", uid, uid)
+    os.chown(path, uid, uid)
+    path.chmod(mode)
+    return path
+
+
+def test_cleanup_leaves_every_look_alike(env: Env) -> None:
+    """The user swaps, plants and imitates; every folder the job did not make survives its cleanup."""
+    # (a) ours renamed away and replaced by the user's own folder at the name
+    rec_a = dead_attempt(env, "a")
+    os.rename(env.temp("a"), env.alice / "stolen")
+    planted(env.temp("a"))
+    # (b) a pending record (crash before the inode was recorded): a root-owned 0700 folder with
+    #     something in it, or a user-owned one, is not what a pending attempt leaves
+    planted(env.temp("b"), uid=0, mode=0o700)
+    planted(env.temp("c"), mode=0o700)
+    (env.temp("c") / "precious.txt").unlink()                 # even empty: not ours (owner)
+    # (d) a folder whose inode number is reused (same dev/ino recorded, another birth time)
+    d = planted(env.temp("d"), uid=0, mode=0o700)
+    st = os.stat(d)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        rec_d = engine.TempRecord("d", st.st_dev, st.st_ino, engine._btime_ns(fd) + 1, (0,))
+    finally:
+        os.close(fd)
+    if rec_d.btime_ns == 1:
+        pytest.skip("this filesystem records no birth time")
+    # (e) the right inode but an owner the job never gave it
+    e = planted(env.temp("e"))
+    st = os.stat(e)
+    rec_e = engine.TempRecord("e", st.st_dev, st.st_ino, 0, (0, 1234))
+    # (f) a copy published earlier under a reserved name (before they were refused), never recorded
+    planted(env.temp("f"), uid=0)
+    # (g) a link at a recorded name
+    rec_g = dead_attempt(env, "g")
+    os.rename(env.temp("g"), env.alice / "stolen-g")
+    os.symlink(env.outside, env.temp("g"))
+    before = {n: sorted(os.listdir(env.alice / n)) for n in os.listdir(env.alice) if (env.alice / n).is_dir()}
+    with untouched_outside(env):
+        n = engine.cleanup_temp(str(env.users), ["alice"], JOB,
+                                [rec_a, engine.TempRecord("b"), engine.TempRecord("c"), rec_d, rec_e, rec_g])
+    assert n == 0
+    after = {n: sorted(os.listdir(env.alice / n)) for n in os.listdir(env.alice) if (env.alice / n).is_dir()}
+    assert after == before
+    for x in "abdef":
+        assert (env.temp(x) / "precious.txt").read_bytes() == b"the user's data\n", x
+    assert os.path.islink(env.temp("g"))
+
+
+@pytest.mark.timeout(60)
+def test_cleanup_races_a_swap_of_the_temp_for_a_look_alike(env: Env) -> None:
+    """The user flips our dead temp folder and their own look-alike under the temp name while cleanup runs.
+
+    Whatever the interleaving, the user's folder and its file survive (our folder is
+    removed when the name holds it, else left for a later cleanup).
+    """
+    deadline = time.monotonic() + 3
+    rounds = removed = 0
+    while time.monotonic() < deadline or rounds < 20:
+        attempt = f"s{rounds}"
+        rec = dead_attempt(env, attempt)
+        theirs = planted(env.alice / f"theirs{rounds}")
+        stop = threading.Event()
+
+        def flip() -> None:
+            fd = os.open(env.alice, os.O_RDONLY | os.O_DIRECTORY)
+            a, b = env.temp(attempt).name.encode(), theirs.name.encode()
+            while not stop.is_set():
+                _libc.renameat2(fd, a, fd, b, RENAME_EXCHANGE)
+            os.close(fd)
+
+        t = threading.Thread(target=flip, daemon=True)
+        t.start()
+        try:
+            removed += run_bounded(lambda: engine.cleanup_temp(str(env.users), ["alice"], JOB, [rec]))
+        except TransferError:
+            pass
+        finally:
+            stop.set()
+            t.join(5)
+        survivors = [p for p in (env.temp(attempt), theirs) if (p / "precious.txt").exists()]
+        assert len(survivors) == 1, f"round {rounds}: the user's folder was removed"
+        assert survivors[0].stat().st_uid == USER
+        rounds += 1
+    assert removed > 0, "the cleanup never got its own folder: the race test tested nothing"
