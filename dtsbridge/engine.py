@@ -664,8 +664,11 @@ def resolve_source(dts_root: str, subdirectory: str) -> Source:
 
 
 def check_not_reserved(name: str) -> None:
-    """A transfer folder is published under its own name: refuse the names the engine keeps for itself."""
-    if name.startswith(RESERVED_PREFIX):
+    """A transfer folder is published under its own name: refuse the names the engine keeps for itself.
+
+    In any case (``.DTSBridge-…`` too): on a case-insensitive filesystem it is the same name.
+    """
+    if name[:len(RESERVED_PREFIX)].lower() == RESERVED_PREFIX:
         raise TransferError(BAD_REQUEST, f"folder names beginning with {RESERVED_PREFIX!r} are reserved "
                                          f"for dtsbridge's temporary folders: {name!r}")
 

@@ -954,7 +954,8 @@ def test_find_published(env: Env) -> None:
     assert engine.find_published(users, parts, "dts-1", r.dev, r.ino) is None
 
 
-@pytest.mark.parametrize("sub", ["alice/.dtsbridge-job1-1.tmp", ".dtsbridge-x", "alice/.dtsbridge-", "ABS"])
+@pytest.mark.parametrize("sub", ["alice/.dtsbridge-job1-1.tmp", ".dtsbridge-x", "alice/.dtsbridge-", "ABS",
+                                 "alice/.DTSBridge-job1-1.tmp"])
 def test_reserved_names_refused(env: Env, resolver: str, sub: str) -> None:
     """A DTS folder named like the engine's own temporary folders is refused (400) before anything is made.
 

@@ -584,3 +584,46 @@ def test_cleanup_races_a_swap_of_the_temp_for_a_look_alike(env: Env) -> None:
         assert survivors[0].stat().st_uid == USER
         rounds += 1
     assert removed > 0, "the cleanup never got its own folder: the race test tested nothing"
+
+
+@pytest.mark.timeout(90)
+def test_failing_copy_races_a_swap_of_its_temp_for_a_look_alike(env: Env) -> None:
+    """While a copy fails (the fence says no) the user keeps exchanging our temporary folder with one of theirs.
+
+    The failure path empties our folder through its descriptor and removes the name only
+    while it is still ours: the user's folder survives every interleaving, and what we made
+    is gone (at most our empty folder stays under the user's name).
+    """
+    src = env.src()
+    for i in range(30):
+        (src / f"f{i:02d}.txt").write_bytes(b"data %d\n" % i)
+    deadline = time.monotonic() + 3
+    rounds = 0
+    while time.monotonic() < deadline or rounds < 10:
+        attempt = f"w{rounds}"
+        theirs = planted(env.alice / f"theirs{rounds}")
+        stop = threading.Event()
+
+        def flip() -> None:
+            fd = os.open(env.alice, os.O_RDONLY | os.O_DIRECTORY)
+            a, b = env.temp(attempt).name.encode(), theirs.name.encode()
+            while not stop.is_set():
+                _libc.renameat2(fd, a, fd, b, RENAME_EXCHANGE)
+            os.close(fd)
+
+        t = threading.Thread(target=flip, daemon=True)
+        t.start()
+        try:
+            with pytest.raises(TransferError):
+                run_bounded(lambda: env.copy(attempt=attempt, before_publish=lambda *a: False))
+        finally:
+            stop.set()
+            t.join(5)
+        homes = [p for p in (env.temp(attempt), theirs) if (p / "precious.txt").exists()]
+        assert len(homes) == 1, f"round {rounds}: the user's folder was removed"
+        assert (homes[0] / "precious.txt").read_bytes() == b"the user's data\n"
+        for p in (env.temp(attempt), theirs):
+            if p.exists() and p not in homes:
+                assert os.listdir(p) == [], f"round {rounds}: what we made stayed in {p.name}"
+        rounds += 1
+    assert not (env.alice / "dts-1").exists()
