@@ -653,6 +653,36 @@ class Store:
     async def _eval(self, script: str, keys: list[str], args: list[str]) -> Any:
         return await self._call(self.redis.eval(script, keys, [self.prefix, *args]))
 
+    async def _eval_replicated(self, script: str, keys: list[str], args: list[str], required: bool = True) -> Any:
+        """Run a script, then, when the primary has replicas, wait until one of them has it (``WAIT 1``).
+
+        ``WAIT`` only covers the writes of the connection it runs on, so the script,
+        ``ROLE`` and ``WAIT`` go over one connection taken from the pool for the
+        duration. What this guards (a job's creation, its publish fence) then
+        survives a Sentinel failover. ``required``: no replica's acknowledgement in
+        time is a :class:`StoreUnavailable` (the write stands on the primary; a
+        repeat of the request finds it); otherwise it is only logged.
+        """
+        redis = self.redis
+        factory = getattr(redis, "_factory", None)
+        if factory is None or not hasattr(factory, "connectionQueue"):  # not a txredisapi pool
+            return await self._eval(script, keys, args)
+        conn = await self._call(factory.getConnection())
+        try:
+            r = await self._call(conn.eval(script, keys, [self.prefix, *args]))
+            role = await self._call(conn.role())
+            if role and role[0] == "master" and len(role) > 2 and role[2]:
+                wait_ms = max(100, int(self.timeout * 800))
+                acked = await self._call(conn.execute_command("WAIT", 1, wait_ms))
+                if int(acked or 0) < 1:
+                    self.errors += 1
+                    if required:
+                        raise StoreUnavailable(f"no replica confirmed the write within {wait_ms} ms")
+                    self.log.warn("no Redis replica confirmed a write within {ms} ms", ms=wait_ms)
+            return r
+        finally:
+            factory.connectionQueue.put(conn)
+
     # -- reading ----------------------------------------------------------
 
     async def ping(self) -> bool:
@@ -712,8 +742,8 @@ class Store:
         scheduled to be forgotten like any other.
         """
         mode = f"staging:{max(1, int(staging_s * 1000))}" if staging_s is not None else ("1" if enqueue else "0")
-        r = await self._eval(_CREATE, [folder_key or ""],
-                             [job_id, mode, *_flat(fields), "retain_ms", str(self.retain_ms)])
+        r = await self._eval_replicated(_CREATE, [folder_key or ""],
+                                        [job_id, mode, *_flat(fields), "retain_ms", str(self.retain_ms)])
         return bool(int(r[0])), r[1]
 
     async def claim(self, token: str, holder: str, lease_s: float, iso_now: str,
@@ -729,7 +759,7 @@ class Store:
         return r or None
 
     async def fence(self, job_id: str, token: str, fields: dict[str, Any]) -> bool:
-        return bool(await self._eval(_FENCE, [], [job_id, token, *_flat(fields)]))
+        return bool(await self._eval_replicated(_FENCE, [], [job_id, token, *_flat(fields)]))
 
     async def unfence(self, job_id: str, token: str) -> bool:
         """Forget a dead attempt's publish record once it is known not to have published."""
@@ -746,7 +776,8 @@ class Store:
 
     async def finish(self, job_id: str, token: str, status: str, iso_now: str, fields: dict[str, Any]) -> str | None:
         """Record the final state if the claim still holds; the status the job ended in, or None."""
-        r = await self._eval(_FINISH, [], [job_id, token, status, iso_now, *_flat(fields)])
+        r = await self._eval_replicated(_FINISH, [], [job_id, token, status, iso_now, *_flat(fields)],
+                                        required=False)
         return r or None
 
     async def release(self, job_id: str, token: str, detail: str) -> str:
@@ -776,8 +807,8 @@ class Store:
 
     async def staged(self, job_id: str, code_hash: str, success: bool, iso_now: str, fields: dict[str, Any],
                      folder_key: str | None = None) -> str:
-        return await self._eval(_STAGED, [folder_key or ""],
-                                [job_id, code_hash, "1" if success else "0", iso_now, *_flat(fields)])
+        return await self._eval_replicated(_STAGED, [folder_key or ""],
+                                        [job_id, code_hash, "1" if success else "0", iso_now, *_flat(fields)])
 
     async def sweep_staging(self, iso_now: str) -> list[str]:
         return list(await self._eval(_SWEEP_STAGING, [], [iso_now]) or [])
