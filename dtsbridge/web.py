@@ -478,6 +478,15 @@ class BoundedChannel(twhttp.HTTPChannel):
             self.transport.loseConnection()
         self._linger = self.callLater(LINGER_SECONDS, self._abort)
 
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        # Twisted's bare "400 Bad Request" for a malformed request line, header or chunk:
+        # the same JSON error as everything else, and never a second answer after a refusal.
+        self.refuse(400, "malformed HTTP request")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        # A request or header line over 16 KiB (Twisted would just hang up).
+        self.refuse(431, "a request line or header is too long")
+
     def _abort(self) -> None:
         self._linger = None
         if self.transport is not None:

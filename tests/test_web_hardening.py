@@ -36,43 +36,49 @@ MIB = 1024 * 1024
 def connect(svc: DtsBridge, timeout: float = 10) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", svc.port), timeout=timeout)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    _pending.pop(s.fileno(), None)
     return s
 
 
+_pending: dict[int, bytes] = {}  # bytes read past one response, per socket (pipelined answers)
+
+
 def read_response(s: socket.socket, timeout: float) -> tuple[int, dict[str, str], bytes]:
-    """Read one HTTP response (status, headers, body); the body by Content-Length or to EOF."""
+    """Read one HTTP response (status, headers, body); the body by Content-Length or chunked."""
     s.settimeout(timeout)
-    buf = b""
-    while b"\r\n\r\n" not in buf:
+    buf = _pending.pop(s.fileno(), b"")
+
+    def more() -> bytes:
         chunk = s.recv(65536)
         if not chunk:
-            raise ConnectionError(f"closed before a full response head: {buf[:200]!r}")
-        buf += chunk
-    head, _, body = buf.partition(b"\r\n\r\n")
+            raise ConnectionError(f"closed before a full response: {buf[:200]!r}")
+        return chunk
+
+    while b"\r\n\r\n" not in buf:
+        buf += more()
+    head, _, rest = buf.partition(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
     headers = {k.strip().lower(): v.strip() for k, v in (ln.split(":", 1) for ln in lines[1:])}
-    if "content-length" in headers:
-        n = int(headers["content-length"])
-        while len(body) < n:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-    elif headers.get("transfer-encoding", "").lower() == "chunked":
-        while not body.endswith(b"0\r\n\r\n"):
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            body += chunk
-        out, rest = b"", body
-        while rest:
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            while b"\r\n" not in rest:
+                rest += more()
             size, _, rest = rest.partition(b"\r\n")
             n = int(size, 16)
+            while len(rest) < n + 2:
+                rest += more()
+            body, rest = body + rest[:n], rest[n + 2:]
             if n == 0:
                 break
-            out, rest = out + rest[:n], rest[n + 2:]
-        body = out
+    else:
+        n = int(headers.get("content-length", "0"))
+        while len(rest) < n:
+            rest += more()
+        body, rest = rest[:n], rest[n:]
+    if rest:
+        _pending[s.fileno()] = rest
     return status, headers, body
 
 
@@ -453,3 +459,45 @@ async def test_staging_path_checks_run_in_the_thread_pool(tmp_path: Path, monkey
     assert info.value.code == 403
     assert on_reactor == [], on_reactor
     assert in_threads
+
+
+def test_malformed_requests_get_json_errors(svc: DtsBridge) -> None:
+    """Twisted's bare 400 (or silent hang-up) for a broken request becomes a JSON error, then the connection closes."""
+    cases = [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"POST /complete_transfer HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /complete_transfer HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", 400),
+        # both framings at once (request smuggling) is refused
+        (b"POST /complete_transfer HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n", 400),
+        (b"POST /complete_transfer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", 400),
+        # past 64 KiB the 413 comes first, and a broken chunk after it adds nothing
+        (b"POST /complete_transfer HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nffff\r\n" + b"a" * 0xffff
+         + b"\r\n2\r\nab\r\nzz\r\n", 413),
+        (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n", 431),
+        # no "100 Continue" for a body that will be refused
+        (b"POST /complete_transfer HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 99999999\r\n\r\n", 413),
+    ]
+    for raw, code in cases:
+        s = connect(svc)
+        try:
+            s.sendall(raw)
+            status, headers, body = read_response(s, timeout=5)
+            json_error(status, headers, body, code)
+            s.settimeout(5)
+            assert s.recv(65536) == b"", raw[:60]  # nothing more: one answer, then the end
+        finally:
+            s.close()
+    assert svc.call("GET", "/healthz").status == 200
+
+
+def test_pipelined_requests_and_a_refused_one(svc: DtsBridge) -> None:
+    s = connect(svc)
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+                  b"POST /complete_transfer HTTP/1.1\r\nHost: x\r\nContent-Length: 70000\r\n\r\n")
+        for _ in range(2):
+            status, _, body = read_response(s, timeout=5)
+            assert status == 200, body
+        json_error(*read_response(s, timeout=5), 413)
+    finally:
+        s.close()
