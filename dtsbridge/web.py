@@ -87,7 +87,7 @@ def read_body(request: IRequest) -> dict[str, Any]:
     if ctype == b"application/json" or (ctype not in (b"application/x-www-form-urlencoded",) and stripped[:1] == b"{"):
         try:
             body = json.loads(raw)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: nested too deep
             raise ApiError(400, "the body is not valid JSON") from None
         if not isinstance(body, dict):
             raise ApiError(400, "the body must be a JSON object")

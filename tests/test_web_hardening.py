@@ -501,3 +501,12 @@ def test_pipelined_requests_and_a_refused_one(svc: DtsBridge) -> None:
         json_error(*read_response(s, timeout=5), 413)
     finally:
         s.close()
+
+
+def test_deeply_nested_json_body_is_400(svc: DtsBridge) -> None:
+    """A 60 KB ``[[[[…`` body (Python's JSON parser recurses) is a bad body, not a 500."""
+    for raw in (b"[" * 60000, b'{"a":' * 12000):
+        r = svc.call("POST", "/doneStaging", raw=raw, headers={"Content-Type": "application/json"})
+        assert r.status == 400, r
+        assert r.json()["error"]["httpcode"] == 400
+    assert "Traceback" not in svc.log_text()
