@@ -194,6 +194,8 @@ class TokenFileAuth:
         #: runs the reload check (stat, read, parse) off the reactor thread; None: inline (tests, CLI)
         self._run = run_in_thread
         self._checking: defer.Deferred | None = None
+        #: how long a request waits for a reload in progress before using the tokens in hand
+        self.reload_wait = 2.0
         self._signature = _file_signature(path)
         self._table = _load_tokens_file(path)
         self._last_check = clock()
@@ -256,7 +258,16 @@ class TokenFileAuth:
             self._checking = d
             d.addBoth(done)
         if self._checking is not None:
-            await _shielded(self._checking)
+            # A file system that hangs must not hang every request: after a while, answer
+            # from the table in hand (the check goes on, and a later request sees its result).
+            from twisted.internet import reactor
+
+            mine = _shielded(self._checking)
+            mine.addTimeout(self.reload_wait, reactor)
+            try:
+                await mine
+            except defer.TimeoutError:
+                self.log.warn("the tokens file {path} is slow to read; using the tokens in hand", path=self.path)
 
     def reload(self) -> None:
         """Reload now (``ValueError`` on a bad file, keeping the old table)."""

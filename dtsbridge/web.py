@@ -19,6 +19,7 @@ import urllib.parse
 from typing import Any
 
 from klein import Klein
+from twisted.internet.abstract import FileDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http as twhttp
@@ -472,9 +473,10 @@ class BoundedChannel(twhttp.HTTPChannel):
         self.transport.write(head + body)
         # Half-close: the answer and then FIN go out; bytes still coming are dropped unread
         # (dataReceived) until the client closes or LINGER_SECONDS pass.
-        try:
+        # Only on a plain socket: a TLS wrapper would pass the half-close to the raw socket below it.
+        if isinstance(self.transport, FileDescriptor):
             self.transport.loseWriteConnection()
-        except (AttributeError, NotImplementedError):
+        else:
             self.transport.loseConnection()
         self._linger = self.callLater(LINGER_SECONDS, self._abort)
 

@@ -286,6 +286,13 @@ async def test_tokens_file_reload_runs_in_a_thread(tmp_path):
     assert (await within(second)).user == "u3"
     with pytest.raises(defer.CancelledError):
         await within(first)
+    # a reload that hangs (a stuck file system) delays requests by at most reload_wait
+    auth._run = lambda f, *a, **k: defer.Deferred()
+    auth.reload_wait = 0.2
+    _tokens_file(tmp_path, {"four": ("tok-4", "u4", "")})
+    clock.advance(1.5)
+    assert (await within(auth.authenticate("tok-3"))).user == "u3"
+    assert (await within(auth.authenticate("tok-3"), 1)).user == "u3"
 
 
 @pytest.mark.parametrize(
