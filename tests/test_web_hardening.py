@@ -196,7 +196,7 @@ def test_20_mib_anonymous_form_413_quickly_and_healthz_stays_fast(svc: DtsBridge
     assert "error" not in results, results
     json_error(*results["answer"], 413)
     assert results["took"] < 2, results["took"]
-    assert max(latencies) < 0.5, sorted(latencies)[-5:]
+    assert max(latencies) < 1.0, sorted(latencies)[-5:]  # before: stalled 6-10 s
     assert tmp_files_open(svc) == []
 
 
