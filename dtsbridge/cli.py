@@ -5,8 +5,9 @@
 - ``dtsbridge status JOB``: a job's state (a progress bar while it runs, with ``--follow``)
 - ``dtsbridge list [--user U] [--status S]``: recent jobs
 - ``dtsbridge cancel JOB``: cancel a job
+- ``dtsbridge events [--follow] [--since ID] [--user U] [--job JOB]``: job events (``GET /events``)
 
-The last three talk to a running service over HTTP: ``--url`` (or
+The last four talk to a running service over HTTP: ``--url`` (or
 ``DTSBRIDGE_URL``, default ``http://127.0.0.1:8080``) and ``--token`` (or
 ``DTSBRIDGE_TOKEN``).
 """
@@ -110,6 +111,66 @@ def cmd_cancel(args) -> int:
     return 0
 
 
+def _event_line(event_id: str, job: dict) -> str:
+    status = job.get("status", "?")
+    if status == "TRANSFERRING" and job.get("bytes_total"):
+        progress = _bar(job.get("bytes_done", 0), job.get("bytes_total"), width=20)
+    else:
+        progress = job.get("path") or job.get("reason") or ""
+    return (f"{event_id:<16} {job.get('job_id', '?')}  {status:<12} {job.get('target_user', ''):<12} "
+            f"{progress}  {job.get('detailed_status', '')}")[:240]
+
+
+def cmd_events(args) -> int:
+    """Print job events as they come: the stored ones after --since, then (with --follow) live ones."""
+    q = {k: v for k, v in (("user", args.user), ("job_id", args.job)) if v}
+    since = args.since if args.since is not None else (None if args.follow else "0")
+    if since is not None:
+        q["last_event_id"] = since
+    url = args.url.rstrip("/") + "/events" + ("?" + urllib.parse.urlencode(q) if q else "")
+    req = urllib.request.Request(url, headers={"Accept": "text/event-stream"})
+    if args.token:
+        req.add_header("Authorization", args.token)
+    try:
+        # the service sends a comment line every 15 s: a longer read timeout means it is gone
+        resp = urllib.request.urlopen(req, timeout=max(args.timeout, 45))
+    except urllib.error.HTTPError as e:
+        try:
+            return _fail(e.code, json.loads(e.read() or b"{}"))
+        except ValueError:
+            return _fail(e.code, {"error": {"message": e.reason}})
+    except (urllib.error.URLError, OSError) as e:
+        raise SystemExit(f"dtsbridge: cannot reach {url}: {getattr(e, 'reason', e)}")
+    event: dict[str, str] = {}
+    try:
+        with resp:
+            for raw in resp:
+                line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                if line.startswith(":"):
+                    if line[1:].strip() == "live" and not args.follow:
+                        return 0
+                    continue
+                if line:
+                    k, _, v = line.partition(":")
+                    event[k] = v[1:] if v.startswith(" ") else v
+                    continue
+                if "data" not in event:
+                    event = {}
+                    continue
+                job = json.loads(event["data"])
+                print(json.dumps({"id": event.get("id"), "job": job}) if args.json
+                      else _event_line(event.get("id", "-"), job), flush=True)
+                if args.job and args.follow and job.get("status") in ("SUCCESS", "ERROR", "CANCELLED"):
+                    return 0
+                event = {}
+    except KeyboardInterrupt:
+        return 0
+    except (OSError, ValueError) as e:
+        print(f"dtsbridge: the event stream broke: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def cmd_token_new(args) -> int:
     roles = [r for r in args.roles.replace(",", " ").split() if r]
     token, section = new_token(args.name, args.user or args.name, roles)
@@ -197,6 +258,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("cancel", help="cancel a job")
     c.add_argument("job")
     c.set_defaults(func=cmd_cancel)
+
+    ev = sub.add_parser("events", help="job events: the kept ones, then live ones with --follow")
+    ev.add_argument("--follow", "-f", action="store_true",
+                    help="keep printing events as they come (with --job: until the job ends)")
+    ev.add_argument("--since", metavar="ID",
+                    help="start after this event id (default: all kept events; with --follow: the next change)")
+    ev.add_argument("--user")
+    ev.add_argument("--job", metavar="JOB_ID")
+    ev.add_argument("--json", action="store_true", help="one JSON object per event")
+    ev.set_defaults(func=cmd_events)
 
     args = p.parse_args(argv)
     return args.func(args)

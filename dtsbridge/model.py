@@ -58,7 +58,7 @@ def now_iso() -> str:
 SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "publish_dev", "publish_ino",
                            "folder_key", "dest_parts", "source_rel", "lease_host",
                            "publish_files", "publish_bytes", "publishing", "active_user",
-                           "retain_ms", "watched_key", "temp_dirs"})
+                           "retain_ms", "watched_key", "temp_dirs", "event_ms"})
 INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
                         "manifest_resources", "manifest_size_only", "manifest_hashed", "manifest_unverified",
                         "attempts", "files_cloned", "bytes_cloned"})

@@ -238,6 +238,29 @@ def spec(version: str) -> dict[str, Any]:
                     "401": _COMMON["401"], "503": _COMMON["503"],
                 },
             }},
+            "/events": {"get": {
+                "summary": "Server-Sent Events of job changes (a user sees their own jobs)",
+                "description": "Every job change (created, each status entered, progress at most once a second "
+                               "per job, the end) as `id: <stream id>`, `event: job`, `data: <the job as "
+                               "/transferStatus gives it>`. With `Last-Event-ID` (header, or the "
+                               "`last_event_id` query parameter) the stream resumes right after that event "
+                               "(events are kept at least 24 hours); without it, it starts with the next "
+                               "change. A comment line every 15 s keeps proxies from closing it; the comment "
+                               "`: live` marks the end of a replay.",
+                "parameters": [
+                    {"name": "Last-Event-ID", "in": "header", "required": False, "schema": _STR},
+                    {"name": "last_event_id", "in": "query", "required": False, "schema": _STR},
+                    {"name": "user", "in": "query", "required": False, "schema": _STR},
+                    {"name": "job_id", "in": "query", "required": False, "schema": _STR},
+                ],
+                "responses": {
+                    "200": {"description": "The event stream (never ends by itself)",
+                            "content": {"text/event-stream": {"schema": _STR}}},
+                    "400": _error("Last-Event-ID is not an event id"),
+                    "403": _error("A user asked for another user's jobs"),
+                    "401": _COMMON["401"], "503": _COMMON["503"],
+                },
+            }},
             "/healthz": {"get": {
                 "summary": "Health: Redis answers, both roots reachable, not draining",
                 "security": [],

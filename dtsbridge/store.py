@@ -14,6 +14,10 @@ Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
   this user"; a repeat of the request finds it here
 - ``P:watched:<folder>``  string: the watcher has taken this folder (SET NX)
 - ``P:expiring``      sorted set: ended jobs by the time they are forgotten (ms)
+- ``P:events``        stream: every job change (see :data:`_EVENTS`), kept for ``EVENT_KEEP_MS``;
+  its consumer group ``webhooks`` turns events into webhook deliveries
+- ``P:hooks``         sorted set: pending webhook deliveries by next attempt (ms);
+  ``P:hook:<event id> <url>`` hash: a delivery's body, URL, attempts, first try
 
 Retention: when a job ends and no worker holds it any more, the script that
 ends it gives its hash, its folder key and its watcher mark (the ones that
@@ -63,6 +67,38 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 
 DEFAULT_RETAIN_MS = 30 * 86400 * 1000
 
+# Job events. Every script that changes a job calls emit(P, id) in the same
+# script, so the stream ``P:events`` can never miss or invent a change: one entry
+# per change, holding ``job_id`` and the job's fields (secrets left out). The
+# stream is trimmed by age (``MINID``; stream ids are milliseconds), never by count.
+EVENT_KEEP_MS = 25 * 3600 * 1000  # at least 24 hours of events
+
+
+def _events_lua() -> str:
+    from dtsbridge.model import SECRET_FIELDS
+    secret = ", ".join(f"[{f!r}] = true" for f in sorted(SECRET_FIELDS))
+    return """
+local EVENT_SECRET = {%s}
+local function emit(P, id)
+  local key = P .. ':job:' .. id
+  local h = redis.call('HGETALL', key)
+  if #h == 0 then return end
+  local t = redis.call('TIME')
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local args = {'XADD', P .. ':events', 'MINID', '~', tostring(ms - %d), '*', 'job_id', id}
+  for i = 1, #h, 2 do
+    if not EVENT_SECRET[h[i]] then
+      args[#args + 1] = h[i]
+      args[#args + 1] = h[i + 1]
+    end
+  end
+  redis.call(unpack(args))
+end
+""" % (secret, EVENT_KEEP_MS)
+
+
+_EVENTS = _events_lua()
+
 # Retention (needs _NOW): a job that has ended and that no worker holds any more is
 # forgotten ``retain_ms`` (a field set at creation) from now, together with the keys
 # that still name it. A job that ended while a worker still holds its claim (a
@@ -86,7 +122,7 @@ end
 # ARGV: prefix, job_id, enqueue, field1, value1, ... ; KEYS: folder key or ''
 # enqueue: '1' queue it, '0' not, 'staging:<ms>' a STAGING job whose deadline is
 # registered in the same step (a job can never wait for a stager without one).
-_CREATE = _NOW + _FORGET + """
+_CREATE = _NOW + _FORGET + _EVENTS + """
 local P, id, enqueue = ARGV[1], ARGV[2], ARGV[3]
 local folder = KEYS[1]
 local key = P .. ':job:' .. id
@@ -116,6 +152,7 @@ end
 if enqueue == '1' then
   redis.call('LPUSH', P .. ':queue', id)
 end
+emit(P, id)
 forget_later(P, id, key)
 return {1, id}
 """
@@ -136,7 +173,7 @@ local function uncount(P, key)
 end
 """
 
-# Shared by release and recovery (needs _NOW, _UNCOUNT, _FORGET): drop a job's claim; a
+# Shared by release and recovery (needs _NOW, _UNCOUNT, _FORGET, _EVENTS): drop a job's claim; a
 # job still queued or copying goes back to the queue. Its publish record (``publishing``,
 # ``publish_*``) stays: the attempt that held it may have published, so a cancel is still
 # refused and the next attempt looks for that folder before copying. Returns true when
@@ -150,6 +187,7 @@ local function requeue(P, id, key, detail)
   if st == 'TRANSFERRING' or st == 'SUBMITTED' then
     redis.call('HSET', key, 'status', 'SUBMITTED', 'detailed_status', detail)
     redis.call('RPUSH', P .. ':queue', id)
+    emit(P, id)
     return true
   end
   redis.call('HDEL', key, 'publishing')
@@ -161,7 +199,7 @@ end
 # ARGV: prefix, token, holder, lease_ms, iso_now, per_user_limit (0: none), max_scan ;
 # returns job_id or false. The oldest job (the tail of the queue) whose user is
 # below the limit is taken; jobs of users at their limit stay queued in order.
-_CLAIM = _NOW + _UNCOUNT + """
+_CLAIM = _NOW + _UNCOUNT + _EVENTS + """
 local P, token, holder, lease, iso = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
 local limit, max_scan = tonumber(ARGV[6] or '0'), tonumber(ARGV[7] or '1000')
 local q = P .. ':queue'
@@ -175,6 +213,7 @@ local function take(id, key)
     redis.call('HSET', key, 'active_user', u)
     redis.call('HINCRBY', P .. ':user_active', u, 1)
   end
+  emit(P, id)
   return id
 end
 if limit <= 0 then
@@ -210,7 +249,7 @@ return false
 """
 
 # ARGV: prefix, id, token, lease_ms, field, value, ... ; returns status, or false when the claim is lost
-_HEARTBEAT = _NOW + """
+_HEARTBEAT = _NOW + _EVENTS + """
 local P, id, token, lease = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return false end
@@ -218,8 +257,15 @@ redis.call('ZADD', P .. ':active', 'XX', now + lease, id)
 local st = redis.call('HGET', key, 'status')
 -- progress only while copying: a cancelled job keeps what its cancel recorded
 if st == 'TRANSFERRING' then
+  local changed = false
   for i = 5, #ARGV, 2 do
+    if redis.call('HGET', key, ARGV[i]) ~= ARGV[i + 1] then changed = true end
     redis.call('HSET', key, ARGV[i], ARGV[i + 1])
+  end
+  -- a progress event at most once a second per job
+  if changed and now - tonumber(redis.call('HGET', key, 'event_ms') or '0') >= 1000 then
+    redis.call('HSET', key, 'event_ms', now)
+    emit(P, id)
   end
 end
 return st
@@ -283,7 +329,7 @@ return 1
 """
 
 # ARGV: prefix, id, token, status, iso_now, field, value, ... ; returns the status the job ends in, or false
-_FINISH = _NOW + _UNCOUNT + _FORGET + """
+_FINISH = _NOW + _UNCOUNT + _FORGET + _EVENTS + """
 local P, id, token, status, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return false end
@@ -300,6 +346,7 @@ redis.call('HSET', key, 'status', status, 'time_' .. string.lower(status), iso)
 for i = 6, #ARGV, 2 do
   redis.call('HSET', key, ARGV[i], ARGV[i + 1])
 end
+emit(P, id)
 forget_later(P, id, key)
 return status
 """
@@ -307,7 +354,7 @@ return status
 # ARGV: prefix, id, token, detail ; hand a claimed job back to the front of the queue.
 # Returns 1 (handed back), 0 (the claim had moved on) or 2 (refused: the job passed its
 # publish fence and may be published; its holder keeps it and records the result).
-_RELEASE = _NOW + _UNCOUNT + _FORGET + _REQUEUE + """
+_RELEASE = _NOW + _UNCOUNT + _FORGET + _EVENTS + _REQUEUE + """
 local P, id, token, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return 0 end
@@ -318,7 +365,7 @@ return 1
 
 # ARGV: prefix, detail[, id, token] ; requeue jobs whose lease lapsed (or one given job
 # whose holder is known dead); returns {requeued..., '|', ended...}
-_RECOVER = _NOW + _UNCOUNT + _FORGET + _REQUEUE + """
+_RECOVER = _NOW + _UNCOUNT + _FORGET + _EVENTS + _REQUEUE + """
 local P, detail = ARGV[1], ARGV[2]
 local ids
 if ARGV[3] then
@@ -388,7 +435,7 @@ return out
 """
 
 # ARGV: prefix, id, iso_now, detail ; returns OK | NOTFOUND | PUBLISHING | <final status>
-_CANCEL = _NOW + _FORGET + """
+_CANCEL = _NOW + _FORGET + _EVENTS + """
 local P, id, iso, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local key = P .. ':job:' .. id
 local st = redis.call('HGET', key, 'status')
@@ -401,6 +448,7 @@ redis.call('HDEL', key, 'authcode_hash')
 redis.call('LREM', P .. ':queue', 0, id)
 redis.call('ZREM', P .. ':staging', id)
 if redis.call('HEXISTS', key, 'claim') == 0 then redis.call('ZREM', P .. ':active', id) end
+emit(P, id)
 forget_later(P, id, key)
 return 'OK'
 """
@@ -408,7 +456,7 @@ return 'OK'
 # KEYS: folder key or '' ; ARGV: prefix, id, code_hash, success(0/1), iso_now, field, value, ...
 # A staged job takes the folder key (unless a live job already owns it), so a later
 # /complete_transfer for the same user and folder is a repeat of it.
-_STAGED = _NOW + _FORGET + """
+_STAGED = _NOW + _FORGET + _EVENTS + """
 local P, id, code, success, iso = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
 local key = P .. ':job:' .. id
 local st = redis.call('HGET', key, 'status')
@@ -435,13 +483,14 @@ if success == '1' then
   end
 else
   redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_failed')
-  forget_later(P, id, key)
 end
+emit(P, id)
+if success ~= '1' then forget_later(P, id, key) end
 return 'OK'
 """
 
 # ARGV: prefix, iso_now ; jobs whose staging deadline passed end in ERROR
-_SWEEP_STAGING = _NOW + _FORGET + """
+_SWEEP_STAGING = _NOW + _FORGET + _EVENTS + """
 local P, iso = ARGV[1], ARGV[2]
 local ids = redis.call('ZRANGEBYSCORE', P .. ':staging', '-inf', now)
 local out = {}
@@ -452,6 +501,7 @@ for _, id in ipairs(ids) do
     redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', 'staging_timeout',
                'detailed_status', 'the stager did not report within ' .. (redis.call('HGET', key, 'staging_timeout') or '?') .. ' seconds')
     redis.call('HDEL', key, 'authcode_hash')
+    emit(P, id)
     forget_later(P, id, key)
     table.insert(out, id)
   end
@@ -561,6 +611,20 @@ def _flat(fields: dict[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
         if isinstance(v, bool):
             v = "1" if v else "0"
         out += [k, str(v)]
+    return out
+
+
+def parse_events(entries) -> list[tuple[str, Job]]:
+    """``XRANGE``/``XREAD`` entries (``[id, [field, value, …]]``) as (event id, job as it was then)."""
+    out: list[tuple[str, Job]] = []
+    for entry_id, flat in entries or []:
+        h = dict(zip(flat[::2], flat[1::2]))
+        job_id = h.pop("job_id", None)
+        if job_id and "status" in h:
+            try:
+                out.append((entry_id, Job.from_hash(job_id, h)))
+            except ValueError:  # an unknown status: skip the entry rather than stop the stream
+                continue
     return out
 
 
@@ -728,6 +792,23 @@ class Store:
             if "status" in h:
                 out.append(Job.from_hash(r[i], h))
         return out
+
+    # -- events -----------------------------------------------------------
+
+    @property
+    def events_key(self) -> str:
+        return self._key("events")
+
+    async def last_event_id(self) -> str:
+        """The id of the newest event, or ``0-0`` when there is none."""
+        r = await self._call(self.redis.execute_command("XREVRANGE", self.events_key, "+", "-", "COUNT", "1"))
+        return r[0][0] if r else "0-0"
+
+    async def events_after(self, after: str, count: int = 500) -> list[tuple[str, Job]]:
+        """At most ``count`` events that came after the event ``after``, oldest first."""
+        r = await self._call(self.redis.execute_command("XRANGE", self.events_key, "(" + after, "+",
+                                                        "COUNT", str(count)))
+        return parse_events(r)
 
     # -- changing ---------------------------------------------------------
 

@@ -238,6 +238,21 @@ class BridgeService(service.Service):
         await self.store.close()
 
 
+class EventHubService(service.Service):
+    """Runs the process's one event reader; on stop, ends every open event stream."""
+
+    def __init__(self, hub) -> None:
+        self.hub = hub
+
+    def startService(self) -> None:
+        super().startService()
+        self.hub.start()
+
+    def stopService(self):
+        super().stopService()
+        return ensureDeferred(self.hub.stop())
+
+
 def make_health(cfg: configmod.Config, store: Store, bridge: Bridge, run_in_thread, reactor):
     async def health() -> list[str]:
         problems: list[str] = []
@@ -359,10 +374,15 @@ def makeService(options: Options) -> service.IService:
         metrics.add_counter("dtsbridge_auth_cache_misses", "Token checks that asked KBase auth2",
                             lambda: authenticator.cache_misses)
 
+    from dtsbridge.events import EventHub
     from dtsbridge.openapi import spec
     from dtsbridge.web import Api
+    # The event reader's own connection: its blocking XREAD must not hold one of the pool's.
+    hub = EventHub(store, lambda: connect(redis_url, poolsize=1, reactor=reactor), reactor=reactor)
+    metrics.add_gauge("dtsbridge_event_streams", "Open GET /events streams in this process",
+                      lambda: len(hub.subscribers))
     api = Api(bridge, authenticator, health=make_health(cfg, store, bridge, run_in_thread, reactor),
-              openapi=spec(__version__))
+              openapi=spec(__version__), events=hub)
     site = QuietSite(api.resource(), read_timeout=cfg.read_timeout)
     site.displayTracebacks = False
     strports.service(cfg.listen, site).setServiceParent(top)
@@ -371,6 +391,7 @@ def makeService(options: Options) -> service.IService:
         AttachWhenReady(embedded, store, lambda: connect(redis_url, poolsize=poolsize, reactor=reactor),
                         reactor).setServiceParent(top)
     BridgeService(bridge, store).setServiceParent(top)
+    EventHubService(hub).setServiceParent(top)
 
     if cfg.watch_enabled:
         from dtsbridge.watch import WatchService

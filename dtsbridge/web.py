@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 from dtsbridge import auth
 from dtsbridge.core import Bridge, Draining, RequestError
 from dtsbridge.errors import http_status_for
+from dtsbridge.events import EVENT_ID, EventHub, Subscriber
 from dtsbridge.model import Job, looks_like_job_id
 from dtsbridge.store import StoreUnavailable
 
@@ -163,12 +164,14 @@ class Api:
     app = Klein()
     log = Logger()
 
-    def __init__(self, bridge: Bridge, authenticator, health=None, openapi: dict | None = None) -> None:
+    def __init__(self, bridge: Bridge, authenticator, health=None, openapi: dict | None = None,
+                 events: EventHub | None = None) -> None:
         self.bridge = bridge
         self.auth = authenticator
         self.role = bridge.config.transfer_role
         self.health = health
         self.openapi = openapi
+        self.events = events
 
     def resource(self):
         return self.app.resource()
@@ -335,6 +338,35 @@ class Api:
             raise ApiError(400, "status must be one of SUBMITTED, STAGING, TRANSFERRING, SUCCESS, ERROR, CANCELLED")
         jobs = await self.bridge.store.list_jobs(user=user, status=status, limit=limit)
         return self.ok(request, 200, {"jobs": [j.public() for j in jobs]})
+
+    @app.route("/events", methods=["GET"])
+    async def events_stream(self, request: IRequest) -> bytes:
+        """Server-Sent Events of job changes (see :mod:`dtsbridge.events`)."""
+        ident = await self.identify(request)
+        arg = lambda n: (request.args.get(n.encode()) or [b""])[0].decode("utf-8", "replace").strip() or None  # noqa: E731
+        user, job_id = arg("user"), arg("job_id")
+        after = (request.getHeader(b"last-event-id") or b"").decode("latin-1").strip() or arg("last_event_id")
+        if after is not None and not EVENT_ID.match(after):
+            raise ApiError(400, "Last-Event-ID must be an event id such as 1767225600000-0")
+        visible = None
+        if self.role not in ident.roles:
+            if user not in (None, ident.user):
+                raise ApiError(403, "you may follow only your own jobs")
+            visible = ident.user
+        if self.events is None:
+            raise ApiError(503, "events are not available")
+        # Fail now (503) rather than after the headers when Redis does not answer.
+        if after is None:
+            after = await self.bridge.store.last_event_id()
+        self.bridge.metrics.requests.labels("/events", "200").inc()
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        request.setHeader(b"Cache-Control", b"no-store")
+        request.setHeader(b"X-Accel-Buffering", b"no")  # nginx: pass each event at once
+        request.write(b": dtsbridge job events\nretry: 2000\n\n")
+        sub = Subscriber(request.write, visible_user=visible, user=user, job_id=job_id)
+        await self.events.stream(sub, after)
+        return b""
 
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:
@@ -520,6 +552,6 @@ class BoundedChannel(twhttp.HTTPChannel):
 def _route(request: IRequest) -> str:
     path = request.path.decode("latin-1") if request.path else "/"
     known = ("/complete_transfer", "/transferStatus", "/submitTransfer", "/doneStaging", "/cancelTransfer",
-             "/jobs", "/healthz", "/metrics", "/openapi.json")
+             "/jobs", "/events", "/healthz", "/metrics", "/openapi.json")
     return path if path in known else "other"
 

@@ -115,6 +115,8 @@ def test_schemathesis_fuzz_finds_no_5xx_and_no_undocumented_answer(fuzz_service)
                       "POST /cancelTransfer", "GET /jobs", "GET /healthz", "GET /metrics"}, labels
 
     for op in operations:
+        if op.label == "GET /events":
+            continue  # a stream that never ends by itself: tests/test_events.py covers it
         passes = [(GenerationMode.POSITIVE, False), (GenerationMode.NEGATIVE, False)]
         if op.label in TARGETED:
             passes.append((GenerationMode.POSITIVE, True))

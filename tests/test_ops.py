@@ -349,6 +349,21 @@ def test_openapi_is_valid_complete_and_true(services):
     c.check("GET", "/jobs", b.call("GET", "/jobs?limit=many", token=DTS_TOKEN))  # 400
     c.check("GET", "/jobs", b.call("GET", "/jobs"))  # 401
 
+    from tests.harness import Response
+    from tests.sse import SseStream
+    ev = "/events"
+    s = SseStream(b.port, "/events?last_event_id=0", token=DTS_TOKEN)
+    s.wait_comment("live")
+    c.check("GET", ev, Response(s.status, s.headers, b""))
+    s.close()
+    job_schema = _resolve({"$ref": "#/components/schemas/Job"}, doc)
+    assert s.events and {e["event"] for e in s.events} == {"job"}
+    for e in s.events:  # every event's data is a job record as documented
+        jsonschema.Draft4Validator(job_schema).validate(e["job"])
+    c.check("GET", ev, b.call("GET", ev, headers={"Last-Event-ID": "yesterday"}, token=DTS_TOKEN))  # 400
+    c.check("GET", ev, b.call("GET", ev + "?user=alice", token=BOB_TOKEN))  # 403
+    c.check("GET", ev, b.call("GET", ev))  # 401
+
     assert c.check("GET", "/healthz", b.call("GET", "/healthz")) == {"status": "ok"}
     assert "dtsbridge_jobs_finished_total" in c.check("GET", "/metrics", b.call("GET", "/metrics"))
     c.check("GET", "/openapi.json", b.call("GET", "/openapi.json"))
@@ -360,7 +375,7 @@ def test_openapi_is_valid_complete_and_true(services):
             assert seen, f"{method} {route} never checked"
     assert {(m, r_) for (m, r_, code) in c.checked if code < 300} >= {
         ("POST", "/complete_transfer"), ("GET", "/transferStatus"), ("POST", "/submitTransfer"),
-        ("POST", "/doneStaging"), ("POST", "/cancelTransfer"), ("GET", "/jobs")}
+        ("POST", "/doneStaging"), ("POST", "/cancelTransfer"), ("GET", "/jobs"), ("GET", "/events")}
     assert not (b.user_root / "alice" / "link").exists() and not (b.user_root / "alice" / "bad").exists()
 
 
