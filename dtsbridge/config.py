@@ -57,6 +57,8 @@ DEFAULTS: dict[str, dict[str, str]] = {
     "staging": {"timeout_seconds": "86400", "max_timeout_seconds": "604800"},
     "watch": {"enabled": "false", "interval_seconds": "2", "settle_seconds": "2"},
     "drain": {"grace_seconds": "30"},
+    "notify": {"webhook_urls": "", "webhook_secret": "", "retry_hours": "24", "events": "end",
+               "retry_first_seconds": "10"},
 }
 
 CHECKSUMS = ("xxh3", "blake3", "sha256", "md5")
@@ -109,6 +111,11 @@ class Config:
     drain_grace: float
     #: seconds a client has to send a whole request (headers and body); 0 = no limit
     read_timeout: float = 20.0
+    webhook_urls: tuple[str, ...] = ()
+    webhook_secret: str = ""
+    webhook_retry_hours: float = 24.0
+    webhook_events: str = "end"
+    webhook_retry_first: float = 10.0
 
 
 def _bool(section: str, key: str, value: str) -> bool:
@@ -249,6 +256,15 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
     if not prefix or any(c in prefix for c in " {}\n"):
         raise ConfigError("[redis] key_prefix: must be a plain non-empty word")
 
+    webhook_urls = tuple(v["notify"]["webhook_urls"].split())
+    for url in webhook_urls:
+        if not url.startswith(("http://", "https://")) or len(url) < 10:
+            raise ConfigError(f"[notify] webhook_urls: {url!r} is not an http:// or https:// URL")
+    retry_first = _number("notify", "retry_first_seconds", v["notify"]["retry_first_seconds"], kind=float,
+                          minimum=0.1)
+    if retry_first > 10:
+        raise ConfigError("[notify] retry_first_seconds: must be at most 10")
+
     return Config(
         source=path or "",
         unknown_keys=tuple(v["_unknown"]),
@@ -292,4 +308,9 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         watch_settle=_number("watch", "settle_seconds", v["watch"]["settle_seconds"], kind=float),
         drain_grace=_number("drain", "grace_seconds", v["drain"]["grace_seconds"], kind=float),
         read_timeout=read_timeout,
+        webhook_urls=webhook_urls,
+        webhook_secret=v["notify"]["webhook_secret"].strip(),
+        webhook_retry_hours=_number("notify", "retry_hours", v["notify"]["retry_hours"], kind=float, minimum=0),
+        webhook_events=_choice("notify", "events", v["notify"]["events"], ("end", "all")),
+        webhook_retry_first=retry_first,
     )

@@ -614,6 +614,68 @@ def _flat(fields: dict[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
     return out
 
 
+# ARGV: prefix, group, event_id, body, url... ; one delivery per URL, then the event is acknowledged
+_HOOK_ADD = _NOW + """
+local P, group, eid, body = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+for i = 5, #ARGV do
+  local member = eid .. ' ' .. ARGV[i]
+  local key = P .. ':hook:' .. member
+  if redis.call('EXISTS', key) == 0 then
+    redis.call('HSET', key, 'url', ARGV[i], 'body', body, 'attempts', 0, 'first_ms', now)
+    redis.call('ZADD', P .. ':hooks', 'NX', now, member)
+  end
+end
+redis.call('XACK', P .. ':events', group, eid)
+return 1
+"""
+
+# ARGV: prefix, token, lease_ms, count ; {member, url, body, attempts, first_ms, ...}
+_HOOK_TAKE = _NOW + """
+local P, token, lease, count = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
+local due = redis.call('ZRANGEBYSCORE', P .. ':hooks', '-inf', now, 'LIMIT', 0, count)
+local out = {}
+for _, member in ipairs(due) do
+  local key = P .. ':hook:' .. member
+  local h = redis.call('HMGET', key, 'url', 'body', 'attempts', 'first_ms')
+  if not h[1] then
+    redis.call('ZREM', P .. ':hooks', member)
+  else
+    redis.call('ZADD', P .. ':hooks', 'XX', now + lease, member)
+    redis.call('HSET', key, 'taker', token)
+    for _, v in ipairs({member, h[1], h[2], h[3], h[4]}) do table.insert(out, v) end
+  end
+end
+return out
+"""
+
+# ARGV: prefix, member, token ; delivered: forget it (only its taker may)
+_HOOK_DONE = """
+local P, member, token = ARGV[1], ARGV[2], ARGV[3]
+local key = P .. ':hook:' .. member
+if redis.call('HGET', key, 'taker') ~= token then return 0 end
+redis.call('DEL', key)
+redis.call('ZREM', P .. ':hooks', member)
+return 1
+"""
+
+# ARGV: prefix, member, token, delay_ms (-1: give up), error ; a failed attempt
+_HOOK_RETRY = _NOW + """
+local P, member, token, delay, err = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]), ARGV[5]
+local key = P .. ':hook:' .. member
+if redis.call('HGET', key, 'taker') ~= token then return 0 end
+if delay < 0 then
+  redis.call('DEL', key)
+  redis.call('ZREM', P .. ':hooks', member)
+  return 1
+end
+redis.call('HINCRBY', key, 'attempts', 1)
+redis.call('HSET', key, 'last_error', err)
+redis.call('HDEL', key, 'taker')
+redis.call('ZADD', P .. ':hooks', 'XX', now + delay, member)
+return 1
+"""
+
+
 def parse_events(entries) -> list[tuple[str, Job]]:
     """``XRANGE``/``XREAD`` entries (``[id, [field, value, …]]``) as (event id, job as it was then)."""
     out: list[tuple[str, Job]] = []
@@ -921,6 +983,55 @@ class Store:
     async def watched(self, source_rel: str) -> str | None:
         """The folder's watcher mark: a job id, ``taking:<holder>`` while a job is being made, or None."""
         return await self._call(self.redis.get(self._key("watched", source_rel)))
+
+    # -- webhook deliveries ---------------------------------------------------
+
+    async def hooks_group(self, group: str) -> None:
+        """Make the consumer group that turns new events into deliveries (once; later calls keep it)."""
+        try:
+            await self._call(self.redis.execute_command("XGROUP", "CREATE", self.events_key, group, "$",
+                                                        "MKSTREAM"))
+        except (txredisapi.ResponseError, StoreUnavailable) as e:
+            if "BUSYGROUP" not in str(e):  # (_call takes BUSYGROUP for Redis's BUSY)
+                raise
+
+    async def hooks_read(self, group: str, consumer: str, count: int = 100,
+                         stale_ms: int | None = None) -> list[tuple[str, Job | None]]:
+        """New events for the group (or, with ``stale_ms``, those a consumer took and never acknowledged)."""
+        if stale_ms is not None:
+            r = await self._call(self.redis.execute_command("XAUTOCLAIM", self.events_key, group, consumer,
+                                                            str(stale_ms), "0-0", "COUNT", str(count)))
+            entries = r[1] if r else []
+        else:
+            r = await self._call(self.redis.execute_command("XREADGROUP", "GROUP", group, consumer,
+                                                            "COUNT", str(count), "STREAMS", self.events_key, ">"))
+            if not r:
+                return []
+            entries = r[0][1] if isinstance(r, list) else next(iter(r.values()))
+        out: list[tuple[str, Job | None]] = []
+        parsed = dict(parse_events([e for e in entries or [] if e and e[1]]))
+        for entry in entries or []:
+            if entry:
+                out.append((entry[0], parsed.get(entry[0])))
+        return out
+
+    async def hooks_add(self, group: str, event_id: str, body: str, urls: list[str]) -> None:
+        """Queue one delivery of ``body`` per URL and acknowledge the event, in one step."""
+        await self._eval(_HOOK_ADD, [], [group, event_id, body, *urls])
+
+    async def hooks_take(self, token: str, lease_ms: int, count: int) -> list[tuple[str, str, str, int, int]]:
+        """Due deliveries, each leased to ``token``: (member, url, body, attempts, first try ms)."""
+        r = await self._eval(_HOOK_TAKE, [], [token, str(lease_ms), str(count)])
+        return [(r[i], r[i + 1], r[i + 2], int(r[i + 3]), int(r[i + 4])) for i in range(0, len(r or []), 5)]
+
+    async def hooks_done(self, member: str, token: str) -> bool:
+        return bool(await self._eval(_HOOK_DONE, [], [member, token]))
+
+    async def hooks_retry(self, member: str, token: str, delay_ms: int, error: str) -> bool:
+        return bool(await self._eval(_HOOK_RETRY, [], [member, token, str(delay_ms), error[:500]]))
+
+    async def hooks_pending(self) -> int:
+        return int(await self._call(self.redis.zcard(self._key("hooks"))) or 0)
 
     async def close(self) -> None:
         if self._redis is None:

@@ -392,6 +392,9 @@ def makeService(options: Options) -> service.IService:
                         reactor).setServiceParent(top)
     BridgeService(bridge, store).setServiceParent(top)
     EventHubService(hub).setServiceParent(top)
+    if cfg.webhook_urls:
+        from dtsbridge.notify import Notifier
+        Notifier(cfg, store, bridge.holder, metrics=metrics, reactor=reactor).setServiceParent(top)
 
     if cfg.watch_enabled:
         from dtsbridge.watch import WatchService
