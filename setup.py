@@ -8,7 +8,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=["dtsbridge", "twisted.plugins"],
-    package_data={"twisted": ["plugins/dtsbridge_plugin.py"]},
+    package_data={"twisted": ["plugins/dtsbridge_plugin.py"], "dtsbridge": ["ui/*.html", "ui/*.js", "ui/*.css"]},
     install_requires=[
         "Twisted>=24.3",
         "klein>=24.8",
@@ -30,6 +30,7 @@ setup(
             "openapi-spec-validator>=0.7",
             "jsonschema>=4",
             "schemathesis>=4",
+            "playwright>=1.40",  # the web page's browser tests (with the system's chromium)
         ],
     },
     entry_points={"console_scripts": ["dtsbridge = dtsbridge.cli:main"]},

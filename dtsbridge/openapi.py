@@ -261,6 +261,28 @@ def spec(version: str) -> dict[str, Any]:
                     "401": _COMMON["401"], "503": _COMMON["503"],
                 },
             }},
+            "/ui": {"get": {
+                "summary": "Redirects to /ui/",
+                "security": [],
+                "responses": {"301": {"description": "To /ui/", "headers": {"Location": {"schema": _STR}},
+                                      "content": {"text/html": {"schema": _STR}}}},
+            }},
+            "/ui/": {"get": {
+                "summary": "The web page: jobs with live progress (the token is typed into the page)",
+                "security": [],
+                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STR}}}},
+            }},
+            "/ui/app.js": {"get": {
+                "summary": "The page's script",
+                "security": [],
+                "responses": {"200": {"description": "JavaScript",
+                                      "content": {"text/javascript": {"schema": _STR}}}},
+            }},
+            "/ui/app.css": {"get": {
+                "summary": "The page's style sheet",
+                "security": [],
+                "responses": {"200": {"description": "CSS", "content": {"text/css": {"schema": _STR}}}},
+            }},
             "/healthz": {"get": {
                 "summary": "Health: Redis answers, both roots reachable, not draining",
                 "security": [],

@@ -41,6 +41,24 @@ READ_TIMEOUT = 20.0
 #: so that it can see the answer (closing with unread data would reset the connection and lose it)
 LINGER_SECONDS = 5.0
 
+# GET /ui/: the page's files, shipped in the package (dtsbridge/ui/), read once at start.
+UI_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+            "app.css": "text/css; charset=utf-8"}
+UI_HEADERS = {
+    # nothing from elsewhere, no inline script; the page talks only to this service
+    b"Content-Security-Policy": b"default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                                b"img-src 'self' data:; base-uri 'none'; form-action 'self'; frame-ancestors 'none'",
+    b"X-Content-Type-Options": b"nosniff",
+    b"Referrer-Policy": b"no-referrer",
+    b"Cache-Control": b"no-cache",
+}
+
+
+def load_ui() -> dict[str, bytes]:
+    from importlib import resources
+    base = resources.files("dtsbridge") / "ui"
+    return {name: (base / name).read_bytes() for name in UI_FILES}
+
 
 class ApiError(Exception):
     def __init__(self, code: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
@@ -172,6 +190,7 @@ class Api:
         self.health = health
         self.openapi = openapi
         self.events = events
+        self.ui = load_ui()
 
     def resource(self):
         return self.app.resource()
@@ -367,6 +386,32 @@ class Api:
         sub = Subscriber(request.write, visible_user=visible, user=user, job_id=job_id)
         await self.events.stream(sub, after)
         return b""
+
+    def ui_file(self, request: IRequest, name: str) -> bytes:
+        self.bridge.metrics.requests.labels("/ui/", "200").inc()
+        request.setHeader(b"Content-Type", UI_FILES[name].encode())
+        for k, v in UI_HEADERS.items():
+            request.setHeader(k, v)
+        return self.ui[name]
+
+    @app.route("/ui", methods=["GET"])
+    def ui_redirect(self, request: IRequest) -> bytes:
+        request.setResponseCode(301)
+        request.setHeader(b"Location", b"ui/")
+        request.setHeader(b"Content-Type", b"text/html; charset=utf-8")
+        return b'<a href="ui/">the dtsbridge page</a>\n'
+
+    @app.route("/ui/", methods=["GET"])
+    def ui_index(self, request: IRequest) -> bytes:
+        return self.ui_file(request, "index.html")
+
+    @app.route("/ui/app.js", methods=["GET"])
+    def ui_js(self, request: IRequest) -> bytes:
+        return self.ui_file(request, "app.js")
+
+    @app.route("/ui/app.css", methods=["GET"])
+    def ui_css(self, request: IRequest) -> bytes:
+        return self.ui_file(request, "app.css")
 
     @app.route("/healthz", methods=["GET"])
     async def healthz(self, request: IRequest) -> bytes:

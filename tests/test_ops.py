@@ -363,6 +363,13 @@ def test_openapi_is_valid_complete_and_true(services):
     c.check("GET", ev, b.call("GET", ev, headers={"Last-Event-ID": "yesterday"}, token=DTS_TOKEN))  # 400
     c.check("GET", ev, b.call("GET", ev + "?user=alice", token=BOB_TOKEN))  # 403
     c.check("GET", ev, b.call("GET", ev))  # 401
+    r = b.call("GET", "/ui")
+    assert r.headers["location"] == "ui/"
+    c.check("GET", "/ui", r)
+    for path in ("/ui/", "/ui/app.js", "/ui/app.css"):
+        r = b.call("GET", path)
+        assert r.status == 200 and "default-src 'none'" in r.headers["content-security-policy"]
+        c.check("GET", path, r)
 
     assert c.check("GET", "/healthz", b.call("GET", "/healthz")) == {"status": "ok"}
     assert "dtsbridge_jobs_finished_total" in c.check("GET", "/metrics", b.call("GET", "/metrics"))
