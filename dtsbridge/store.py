@@ -392,7 +392,7 @@ return requeued
 # claim and the lease stay until the thread returns (and the engine removes its temporary
 # folder) or, if the process dies first, until recovery finds the ended job and removes it.
 # Refused (0) once the job may publish, or when it is no longer this claim's running job.
-_GIVE_UP = _UNCOUNT + """
+_GIVE_UP = _UNCOUNT + _EVENTS + """
 local P, id, token, iso, reason, detail = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
 local key = P .. ':job:' .. id
 if redis.call('HGET', key, 'claim') ~= token then return 0 end
@@ -404,13 +404,14 @@ end
 redis.call('HSET', key, 'status', 'ERROR', 'time_error', iso, 'reason', reason, 'detailed_status', detail)
 redis.call('ZREM', P .. ':deadlines', id)
 uncount(P, key)
+emit(P, id)
 return 1
 """
 
 # ARGV: prefix, iso_now ; jobs past their timeout_seconds end in ERROR 'timeout' (at most 100 a
 # call). A claimed job keeps its claim, as with a cancel: its worker sees the ended status at its
 # next heartbeat and stops; a job that may already be publishing is left to finish.
-_SWEEP_DEADLINES = _NOW + _UNCOUNT + _FORGET + """
+_SWEEP_DEADLINES = _NOW + _UNCOUNT + _FORGET + _EVENTS + """
 local P, iso = ARGV[1], ARGV[2]
 local ids = redis.call('ZRANGEBYSCORE', P .. ':deadlines', '-inf', now, 'LIMIT', 0, 100)
 local out = {}
@@ -427,6 +428,7 @@ for _, id in ipairs(ids) do
     redis.call('ZREM', P .. ':staging', id)
     if redis.call('HEXISTS', key, 'claim') == 0 then redis.call('ZREM', P .. ':active', id) end
     uncount(P, key)
+    emit(P, id)
     forget_later(P, id, key)
     table.insert(out, id)
   end
