@@ -1744,12 +1744,15 @@ def _finish_file(job: _Job, dfd: int, st: os.stat_result, exact: bool) -> None:
 
 
 def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_result, exact: bool) -> int:
-    """Verify a clone: it shares the source's blocks, so it is read (hashed) once.
+    """Verify a clone: it shares the source's blocks, so they are read (hashed) once.
 
     The clone is a point-in-time copy of the whole source; an unchanged source
     ``fstat`` (size and mtime) after it means it holds what the scan saw.  The
-    read checks every block can be read back, at the scanned size, and against
-    the manifest's hashes when there are some.
+    shared blocks are then read once, through the source's descriptor (whose
+    pages are the ones likely in memory: the clone's are not, even though they
+    are the same blocks on disk), at the scanned size, hashed for the journal
+    and checked against the manifest's hashes when there are some; a source
+    still unchanged after that read means what was read is what the clone holds.
     """
     rel = entry.rel
     size = st.st_size
@@ -1766,7 +1769,7 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
     while True:
         job.check_stop()
         want = min(blen, size + 1 - off)
-        n = os.preadv(dfd, [buf[:want]], off)
+        n = os.preadv(sfd, [buf[:want]], off)
         if n:
             chunk = buf[:n]
             main.update(chunk)
@@ -1779,6 +1782,9 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
                 pending = 0
         if n < want or off > size:
             break
+    st3 = os.fstat(sfd)
+    if st3.st_size != size or st3.st_mtime_ns != st.st_mtime_ns:
+        raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was cloned")
     if off != size:
         raise TransferError(CHECKSUM_MISMATCH, f"the clone of {rel!r} does not match its source")
     checked = _check_manifest_hashes(job, rel, wanted, extra)
