@@ -436,6 +436,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="GiB of free memory to warm up first (default: all free memory but 1.5 GiB; 0: none)")
     p.add_argument("--workdir", type=Path, default=None, help="where to make the fresh benchmark folder")
     p.add_argument("--keep", action="store_true", help="keep the benchmark folder")
+    p.add_argument("--reflink", action="store_true",
+                   help="only the reflink scenario: big and many on a loop-mounted XFS (root) vs the rsync pair there")
+    p.add_argument("--resume", action="store_true",
+                   help="only the resume scenario: a job killed (-9) at --resume-kill-at of its bytes, then restarted")
+    p.add_argument("--resume-files", type=int, default=80, help="files in the resume dataset (default 80)")
+    p.add_argument("--resume-mib", type=int, default=25, help="size of each resume file in MiB (default 25)")
+    p.add_argument("--resume-kill-at", type=float, default=0.75,
+                   help="fraction of the bytes copied when the process is killed (default 0.75)")
     args = p.parse_args(argv)
     args.load_seconds = min(args.load_seconds, 10.0)
     if not args.skip_rsync and not os.access(RSYNC, os.X_OK):
@@ -446,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="dtsbridge-bench-", dir=base))
     started = time.perf_counter()
     try:
+        if args.reflink:
+            return _run_reflink(args, work)
+        if args.resume:
+            return _run_resume(args, work)
         return _run(args, work)
     finally:
         if not args.keep:
@@ -641,6 +653,242 @@ def _run(args: argparse.Namespace, work: Path) -> int:
     if not lat["seen"]:
         say("note: no status answer showed a job in TRANSFERRING; the copies ended too fast for the latency test "
             "to mean much (use bigger --big-mib)")
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# Faster than copying (issue 13): --reflink and --resume scenarios
+
+
+TARGET_REFLINK = 0.2
+TARGET_RESUME = 0.4
+
+
+def proc_write_bytes(pid: int) -> int:
+    """``write_bytes`` of /proc/PID/io: bytes this process caused to be written to storage (0 if gone)."""
+    try:
+        with open(f"/proc/{pid}/io") as f:
+            for line in f:
+                if line.startswith("write_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def service_copy_settings(args: argparse.Namespace) -> dict[str, str]:
+    return {"max_jobs": "4", "lease_seconds": "15", "threads": str(args.threads or 4),
+            "processes": args.processes or "auto", "checksum": args.checksum or "xxh3",
+            "fsync": args.fsync or "true"}
+
+
+def _summary(title: str, rows: list[tuple[str, str, str, str]]) -> None:
+    say("")
+    say("=" * 100)
+    say(title)
+    say("=" * 100)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    w2 = max(len(r[2]) for r in rows)
+    for r in rows:
+        say(f"{r[0]:<{w0}}  {r[1]:>{w1}}  {r[2]:<{w2}}  {r[3]}")
+    say("=" * 100)
+
+
+def _run_reflink(args: argparse.Namespace, work: Path) -> int:
+    """dtsbridge with [copy] reflink = auto on a loop-mounted XFS (reflink=1) against the rsync pair there."""
+    from tests.fsmount import loop_xfs, loop_xfs_unavailable, shared_bytes
+
+    why = loop_xfs_unavailable()
+    if why:
+        raise SystemExit(f"--reflink needs a loop-mounted XFS: {why}")
+    per_copy = args.big_files * args.big_mib * MiB + args.many * 36 * 1024
+    gib = int(per_copy * (1 + args.rounds) * 1.3 / (1 << 30)) + 2  # the sources, one rsync copy a round
+    st = os.statvfs(work)
+    if st.f_bavail * st.f_frsize < gib * (1 << 30):
+        raise SystemExit(f"{work} has too little space for a {gib} GiB XFS image")
+    if args.ballast != 0:
+        path, size, dt = ballast(work, args.ballast)
+        if path is not None:
+            say(f"memory warm-up: {size / (1 << 30):.1f} GiB in {dt:.1f} s")
+    say(f"reflink benchmark: a {gib} GiB XFS image (mkfs.xfs -m reflink=1), mounted with -o loop in {work}/xfs")
+    with loop_xfs(work / "xfs", f"{gib}G", reflink=True) as mnt:
+        dts = mnt / "dts"
+        big = make_big(dts / "big", args.big_files, args.big_mib)
+        many = make_many(dts / "many", args.many)
+        sync()
+        read_all(dts)
+        read_all(dts)
+        data = {"big": big, "many": many}
+        say(f"datasets on XFS: big = {big[0]} x {args.big_mib} MiB, many = {many[0]} files ({many[1] / 1e6:.0f} MB)")
+        copy = service_copy_settings(args)
+        svc = DtsBridge(mnt, "embedded", settings={"copy": copy}, name="bench")
+        svc.start(timeout=60)
+        times: dict[tuple[str, str], list[float]] = {}
+        try:
+            (svc.user_root / "warm").mkdir(exist_ok=True)
+            make_many(dts / "warmup", 300, seed=3)
+            svc.complete("warm", "warmup", timeout=300)
+            for r in range(args.rounds):
+                for ds in ("big", "many"):
+                    files, nbytes = data[ds]
+                    order = ["dtsbridge", "rsync"] if r % 2 == 0 else ["rsync", "dtsbridge"]
+                    for who in order:
+                        sync()
+                        if who == "dtsbridge":
+                            dt = run_dtsbridge(svc, f"r{r}", ds, files, nbytes)
+                            job = svc.complete(f"r{r}", ds).json()  # 200: the same job's record
+                            status = svc.status(job["job_id"]).json()
+                            cloned = status.get("files_cloned", 0)
+                            if cloned != files:
+                                raise SystemExit(f"dtsbridge cloned {cloned} of {files} files: {status}")
+                            extra = f"  ({cloned} files cloned)"
+                        else:
+                            dt = run_rsync(dts / ds, mnt / "rsync" / f"r{r}" / ds)
+                            extra = ""
+                        times.setdefault((ds, who), []).append(dt)
+                        say(f"round {r + 1}/{args.rounds} {ds:4s} {who:9s} {dt:7.2f} s  "
+                            f"{nbytes / dt / 1e6:7.0f} MB/s {files / dt:9.0f} files/s{extra}")
+            sample = svc.user_root / "r0" / "big" / "big-00.bin"
+            shared = shared_bytes(sample)
+            say(f"FIEMAP of {sample.relative_to(mnt)}: {shared / MiB:.0f} MiB of {sample.stat().st_size / MiB:.0f} MiB "
+                "in shared extents")
+        finally:
+            svc.stop()
+    rows = []
+    for ds in ("big", "many"):
+        files, nbytes = data[ds]
+        d = statistics.median(times[(ds, "dtsbridge")])
+        rs = statistics.median(times[(ds, "rsync")])
+        say(f"{ds:4s} dtsbridge (clones) {fmt_s(d)}  runs {', '.join(f'{x:.2f}' for x in times[(ds, 'dtsbridge')])}; "
+            f"rsync -a + rsync -anc {fmt_s(rs)}  runs {', '.join(f'{x:.2f}' for x in times[(ds, 'rsync')])}")
+        target = TARGET_REFLINK if ds == "big" else TARGET_RATIO
+        rows.append((f"reflink XFS, {ds}: time ratio dtsbridge / rsync pair ({fmt_s(d).strip()} / {fmt_s(rs).strip()})",
+                     f"{d / rs:.3f}", f"<= {target}", "MET" if d / rs <= target else "NOT MET"))
+    _summary(f"SUMMARY --reflink (big = {big[0]} x {args.big_mib} MiB, many = {many[0]} files; medians of "
+             f"{args.rounds}; loop-mounted XFS with reflink; [copy] reflink = auto, checksum = {copy['checksum']}, "
+             f"fsync = {copy['fsync']})", rows)
+    return 0
+
+
+def _service_writes(pid: int, redis_pids: list[int]) -> int:
+    """write_bytes of twistd and its copy worker processes (not Redis)."""
+    return proc_write_bytes(pid) + sum(proc_write_bytes(c) for c in descendants(pid) if c not in redis_pids)
+
+
+def _wait_job(svc: DtsBridge, job_id: str, until: Callable[[dict[str, Any]], bool], poll: float = 0.005,
+              timeout: float = 1800) -> dict[str, Any]:
+    deadline = time.perf_counter() + timeout
+    while True:
+        try:
+            r = svc.status(job_id)
+            if r.status == 200:
+                st = r.json()
+                if until(st):
+                    return st
+                if st["status"] in ("ERROR", "CANCELLED"):
+                    raise SystemExit(f"job {job_id} ended {st['status']}: {st}\n{svc.log_tail()}")
+        except OSError:
+            pass
+        if time.perf_counter() > deadline:
+            raise SystemExit(f"job {job_id} did not get there in {timeout} s\n{svc.log_tail()}")
+        time.sleep(poll)
+
+
+def _run_resume(args: argparse.Namespace, work: Path) -> int:
+    """A multi-file job killed (-9) at --resume-kill-at of its bytes, restarted; against a full copy, same run."""
+    if args.ballast != 0:
+        path, size, dt = ballast(work, args.ballast)
+        if path is not None:
+            say(f"memory warm-up: {size / (1 << 30):.1f} GiB in {dt:.1f} s")
+    n, mib = args.resume_files, args.resume_mib
+    need = int(n * mib * MiB * (1 + 2 * args.rounds) * 1.1) + (1 << 30)
+    st = os.statvfs(work)
+    if st.f_bavail * st.f_frsize < need:
+        raise SystemExit(f"{work} has too little space: this run writes about {need / 1e9:.1f} GB")
+    dts = work / "dts"
+    files, nbytes = make_big(dts / "multi", n, mib)
+    sync()
+    read_all(dts)
+    read_all(dts)
+    say(f"dataset: multi = {files} x {mib} MiB ({nbytes / 1e6:.0f} MB)")
+    copy = service_copy_settings(args)
+    svc = DtsBridge(work, "embedded", settings={"copy": copy}, name="bench")
+    svc.start(timeout=60)
+    full_t: list[float] = []
+    full_w: list[int] = []
+    res_t: list[float] = []
+    res_w: list[int] = []
+    res_wall: list[float] = []
+    killed_at: list[float] = []
+    kept: list[tuple[int, int]] = []
+    try:
+        (svc.user_root / "warm").mkdir(exist_ok=True)
+        make_many(dts / "warmup", 300, seed=3)
+        svc.complete("warm", "warmup", timeout=300)
+        for r in range(args.rounds):
+            order = ["full", "resume"] if r % 2 == 0 else ["resume", "full"]
+            for who in order:
+                assert svc.proc is not None
+                pid = svc.proc.pid
+                redis_pids = [c for c in children(pid) if "redis" in comm(c)]
+                if who == "full":
+                    sync()
+                    w0 = _service_writes(pid, redis_pids)
+                    dt = run_dtsbridge(svc, f"f{r}", "multi", files, nbytes)
+                    w = _service_writes(pid, redis_pids) - w0
+                    full_t.append(dt)
+                    full_w.append(w)
+                    say(f"round {r + 1}/{args.rounds} full copy   {dt:7.2f} s  {nbytes / dt / 1e6:7.0f} MB/s  "
+                        f"wrote {w / 1e6:7.0f} MB")
+                    continue
+                # The crash: an async job, killed with its whole process group at kill-at of its bytes.
+                (svc.user_root / f"c{r}").mkdir(exist_ok=True)
+                resp = svc.complete(f"c{r}", "multi", asynchronous=True)
+                if resp.status != 202:
+                    raise SystemExit(f"async POST answered {resp.status}: {resp.body[:300]!r}")
+                job_id = resp.json()["job_id"]
+                st = _wait_job(svc, job_id, lambda s: (s.get("bytes_done") or 0) >= args.resume_kill_at * nbytes
+                               or s["status"] == "SUCCESS", poll=0.002)
+                svc.kill()
+                if st["status"] == "SUCCESS":
+                    raise SystemExit("the job ended before it could be killed: use more data")
+                killed_at.append(st["bytes_done"] / nbytes)
+                sync()
+                # The restart: timed from the process being up (healthy) to SUCCESS; write_bytes over its life.
+                t0 = time.perf_counter()
+                svc.start(timeout=60)
+                t1 = time.perf_counter()
+                assert svc.proc is not None
+                pid = svc.proc.pid
+                redis_pids = [c for c in children(pid) if "redis" in comm(c)]
+                done = _wait_job(svc, job_id, lambda s: s["status"] == "SUCCESS")
+                t2 = time.perf_counter()
+                w = _service_writes(pid, redis_pids)
+                res_t.append(t2 - t1)
+                res_wall.append(t2 - t0)
+                res_w.append(w)
+                kept.append((done.get("files_resumed", 0), done.get("bytes_resumed", 0)))
+                say(f"round {r + 1}/{args.rounds} resumed      {t2 - t1:7.2f} s  (restart to SUCCESS {t2 - t0:.2f} s) "
+                    f"wrote {w / 1e6:7.0f} MB; killed at {killed_at[-1]:.0%} of the bytes; kept "
+                    f"{kept[-1][0]} files, {kept[-1][1] / 1e6:.0f} MB")
+    finally:
+        svc.stop()
+    ft, fw = statistics.median(full_t), statistics.median(full_w)
+    rt, rw = statistics.median(res_t), statistics.median(res_w)
+    say(f"full copy: runs {', '.join(f'{x:.2f}' for x in full_t)} s, wrote {', '.join(f'{x / 1e6:.0f}' for x in full_w)} MB")
+    say(f"resumed:   runs {', '.join(f'{x:.2f}' for x in res_t)} s (restart to SUCCESS "
+        f"{', '.join(f'{x:.2f}' for x in res_wall)} s), wrote {', '.join(f'{x / 1e6:.0f}' for x in res_w)} MB")
+    rows = [
+        (f"resume: restarted attempt's time / full copy's ({rt:.2f} s / {ft:.2f} s)", f"{rt / ft:.3f}",
+         f"<= {TARGET_RESUME}", "MET" if rt / ft <= TARGET_RESUME else "NOT MET"),
+        (f"resume: bytes written by the restarted process / full copy's ({rw / 1e6:.0f} MB / {fw / 1e6:.0f} MB)",
+         f"{rw / fw:.3f}", f"<= {TARGET_RESUME}", "MET" if rw / fw <= TARGET_RESUME else "NOT MET"),
+        ("killed at (bytes_done / bytes_total, median)", f"{statistics.median(killed_at):.2f}", ">= 0.70",
+         "MET" if statistics.median(killed_at) >= 0.7 else "NOT MET"),
+    ]
+    _summary(f"SUMMARY --resume (multi = {files} x {mib} MiB; medians of {args.rounds}; kill -9 of the process group; "
+             f"[copy] threads = {copy['threads']}, checksum = {copy['checksum']}, fsync = {copy['fsync']})", rows)
     return 0
 
 
