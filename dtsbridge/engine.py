@@ -1936,7 +1936,7 @@ def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _
 JOURNAL_NAME = ".dtsbridge-journal"
 JOURNAL_MAX_BYTES = 512 * 1024 * 1024
 #: With ``fsync``, the filesystem is synced and a checkpoint recorded every this many journaled bytes.
-CHECKPOINT_BYTES = 1024 * 1024 * 1024
+CHECKPOINT_BYTES = 256 * 1024 * 1024
 _JOURNAL_VERSION = 1
 
 

@@ -61,7 +61,8 @@ SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "
                            "retain_ms", "watched_key", "temp_dirs", "event_ms"})
 INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
                         "manifest_resources", "manifest_size_only", "manifest_hashed", "manifest_unverified",
-                        "attempts", "files_cloned", "bytes_cloned"})
+                        "attempts", "files_cloned", "bytes_cloned",
+                        "files_resumed", "bytes_resumed"})
 BOOL_FIELDS = frozenset({"stager_success", "async", "source_deleted"})
 FLOAT_FIELDS = frozenset({"timeout_seconds"})
 

@@ -71,6 +71,8 @@ def spec(version: str) -> dict[str, Any]:
         "attempts": _INT,
         "files_cloned": _INT,
         "bytes_cloned": _INT,
+        "files_resumed": _INT,
+        "bytes_resumed": _INT,
         "source_deleted": {"type": "boolean"},
         **timestamps,
     }

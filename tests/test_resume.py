@@ -253,3 +253,85 @@ def test_kept_files_count_as_checked_by_the_manifest(env: Env) -> None:
     assert r.files_resumed > 0
     assert r.hashed == len(files) and r.unverified == 0
     assert tree_of(env.alice / "dts-1") == tree_of(src)
+
+
+# ---------------------------------------------------------------------------
+# End to end: kill -9 a real twistd mid-copy, restart it, count what it copies
+
+
+FAULT = "DTSBRIDGE_FAULT_PAUSE"
+
+
+def proc_write_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/io") as f:
+        for line in f:
+            if line.startswith("write_bytes:"):
+                return int(line.split()[1])
+    raise AssertionError("no write_bytes in /proc/PID/io")
+
+
+def crash_service_half_way(services, tree: dict[str, Any], fsync: str = "true") -> tuple[Any, str, Path, list[dict[str, Any]]]:
+    """A twistd (one copy thread, no worker processes) killed -9 once half a job's bytes are verified."""
+    svc = services({"copy": {"threads": "1", "processes": "0", "lease_seconds": "90", "fsync": fsync}},
+                   env={FAULT: "half:300"}, start=False)
+    make_tree(svc.dts_root / "run1", tree)
+    svc.start()
+    r = svc.complete("alice", "run1", asynchronous=True)
+    assert r.status == 202, r
+    job_id = r.json()["job_id"]
+    wait_until(lambda: "fault point half reached" in svc.log_text(), 60, "the half-way fault point", svc.log_tail)
+    temps = [n for n in os.listdir(svc.user_root / "alice") if n.startswith(f".dtsbridge-{job_id}-")]
+    assert len(temps) == 1, temps
+    old = svc.user_root / "alice" / temps[0]
+    lines = (old / engine.JOURNAL_NAME).read_text().splitlines()[1:]
+    recorded = [json.loads(x) for x in lines if "p" in json.loads(x)]
+    svc.kill()
+    svc.extra_env.pop(FAULT)
+    return svc, job_id, old, recorded
+
+
+@pytest.mark.timeout(180)
+def test_restart_after_kill9_copies_only_the_remainder(services) -> None:
+    tree = payload(n=16, size=1_500_000)
+    svc, job_id, old, recorded = crash_service_half_way(services, tree)
+    files = tree_of(svc.dts_root / "run1")
+    total = sum(len(d) for d in files.values())
+    kept_bytes = sum(r["s"] for r in recorded)
+    assert 2 * kept_bytes >= total - 1_500_000 and len(recorded) < len(files)
+
+    svc.start()
+    assert svc.proc is not None
+    pid = svc.proc.pid
+    job = svc.wait_status(job_id, {"SUCCESS", "ERROR"}, timeout=90)
+    written = proc_write_bytes(pid)
+    assert job["status"] == "SUCCESS", job
+    assert tree_of(svc.user_root / "alice" / "run1") == files  # every byte right
+    assert job["files_resumed"] == len(recorded) and job["bytes_resumed"] == kept_bytes, job
+    assert job["attempts"] == 2
+    assert job["files_done"] == len(files) and job["bytes_done"] == total
+    assert "resumed" in job["detailed_status"]
+    # The restarted process wrote the remainder, not the whole (slack: its log, the journal).
+    remainder = total - kept_bytes
+    assert remainder * 0.9 <= written <= remainder + 512 * 1024, (written, remainder, total)
+    assert leftovers(svc.user_root) == []  # the dead attempt's folder is gone too
+    assert not old.exists()
+
+
+@pytest.mark.timeout(180)
+def test_restart_recopies_a_kept_file_that_does_not_check_out(services) -> None:
+    tree = payload(n=12, size=1_000_000)
+    svc, job_id, old, recorded = crash_service_half_way(services, tree, fsync="false")
+    victim = old / recorded[0]["p"]
+    st = victim.stat()
+    with open(victim, "r+b") as f:  # same size and times, one bit different
+        f.seek(4096)
+        b = f.read(1)
+        f.seek(4096)
+        f.write(bytes([b[0] ^ 0x40]))
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    svc.start()
+    job = svc.wait_status(job_id, {"SUCCESS", "ERROR"}, timeout=90)
+    assert job["status"] == "SUCCESS", job
+    assert tree_of(svc.user_root / "alice" / "run1") == tree_of(svc.dts_root / "run1")
+    assert job["files_resumed"] == len(recorded) - 1, job
+    assert leftovers(svc.user_root) == []
