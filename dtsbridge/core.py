@@ -455,7 +455,11 @@ class Bridge:
                         "detailed_status": f"published {name} (recovered after a restart)"}
                 await self._retrying("clearing a dead attempt's publish record", job.job_id,
                                      lambda: self.store.unfence(job.job_id, run.token))
-            await self._cleanup_temps(job, dest_parts)
+            # Resume: the latest earlier attempt's folder (as recorded) is kept for this attempt to
+            # take its verified files from; every other one goes now, that one once the copy ends.
+            resume_from = next((r for r in reversed(engine.TempRecord.decode_all(job.extra.get("temp_dirs")))
+                                if not r.pending and r.attempt != attempt), None)
+            await self._cleanup_temps(job, dest_parts, keep=resume_from)
             uid, gid = await self.run_in_thread(self._ownership, job.target_user)
             options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,
                                          max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads,
@@ -507,11 +511,15 @@ class Bridge:
                 result = await self.run_in_thread(
                     engine.copy_tree, cfg.dts_root, source, cfg.user_root, dest_parts, job.job_id, attempt, options,
                     on_plan=on_plan, on_progress=on_progress, should_stop=run.stop.is_set,
-                    before_publish=before_publish, on_temp=on_temp, executor=self.executor)
+                    before_publish=before_publish, on_temp=on_temp, executor=self.executor,
+                    resume_from=resume_from)
             except Exception:
                 # copy_tree removed its folder; make sure (by inode) before forgetting it.
                 await self._settle_attempt(job.job_id, dest_parts, attempt, made or [engine.TempRecord(attempt)])
                 raise
+            finally:
+                if resume_from is not None:  # what is left of the earlier attempt's folder
+                    await self._settle_attempt(job.job_id, dest_parts, resume_from.attempt, [resume_from])
             await self._settle_attempt(job.job_id, dest_parts, attempt, [])  # published: nothing to remove
         except errors.TransferError as e:
             if e.reason == errors.CANCELLED:
@@ -531,6 +539,11 @@ class Bridge:
             fields["files_cloned"] = result.files_cloned
             fields["bytes_cloned"] = result.bytes_cloned
             detail += f" ({result.files_cloned} cloned)"
+        if result.files_resumed:
+            fields["files_resumed"] = result.files_resumed
+            fields["bytes_resumed"] = result.bytes_resumed
+            detail += (f"; resumed: {result.files_resumed} files ({result.bytes_resumed} bytes) verified by an "
+                       "earlier attempt were kept")
         if result.has_manifest:
             fields.update(manifest_resources=result.manifest_resources, manifest_hashed=result.hashed,
                           manifest_size_only=result.size_only, manifest_unverified=result.unverified)
@@ -635,13 +648,15 @@ class Bridge:
                 self.metrics.job_seconds.labels("ERROR").observe(now - run.started)
                 self._notify(run.job_id)
 
-    async def _cleanup_temps(self, job: Job, dest_parts: list[str]) -> int:
+    async def _cleanup_temps(self, job: Job, dest_parts: list[str], keep: engine.TempRecord | None = None) -> int:
         """Remove the temporary folders earlier attempts of ``job`` recorded making, then forget them.
 
         Each is checked by device, inode, birth time and owner (engine.cleanup_temp),
         never taken on its name: a look-alike the user or DTS made is left alone.
+        ``keep`` (the folder a resumed attempt takes files from) stays, with its record.
         """
-        records = engine.TempRecord.decode_all(job.extra.get("temp_dirs"))
+        records = [r for r in engine.TempRecord.decode_all(job.extra.get("temp_dirs"))
+                   if keep is None or r.attempt != keep.attempt]
         if not records:
             return 0
         n = await self.run_in_thread(engine.cleanup_temp, self.config.user_root, dest_parts, job.job_id, records)

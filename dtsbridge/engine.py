@@ -2082,30 +2082,32 @@ def _hash_fd(fd: int, size: int, checksum: str, job: _Job) -> str | None:
     return h.hexdigest() if off == size else None
 
 
-def _salvage(job: _Job, parentfd: int, old: tuple[str, int, int]) -> set[str]:
+def _salvage(job: _Job, parentfd: int, name: str, rec: TempRecord) -> set[str]:
     """Move the still-good verified files of an earlier attempt's folder into this attempt's; their paths.
 
-    The old folder must be the very one recorded (device and inode), a real
-    folder owned by the service with mode 0700 (as made, never yet given to
-    the user: nobody else could have entered it).  Each kept file is checked
+    The old folder ``name`` must be the very one ``rec`` recorded (device,
+    inode, birth time: :func:`_is_recorded`), still the service's with mode
+    0700 (as made, never yet given to the user: nobody else could have entered
+    it).  Each kept file is checked
     (see the section comment) through a descriptor opened without following
     links, then renamed into the same place in the new folder
     (``RENAME_NOREPLACE``) and recorded in the new journal.  A file that does
     not check out is left where it is (the caller removes the old folder) and
     copied again.
     """
-    name, dev, ino = old
-    if not isinstance(name, str) or not name.startswith(".dtsbridge-") or "/" in name:
+    if rec.pending:
         return set()
     try:
-        oldfd = os.open(name, _DIR_FLAGS | os.O_NONBLOCK, dir_fd=parentfd)
+        oldfd = _open_subdir(parentfd, name, os.fstat(parentfd).st_dev, _mnt_id(parentfd))
     except OSError:
+        oldfd = None
+    if oldfd is None:
         return set()
+    dev = rec.dev
     kept: set[str] = set()
     with _fd(oldfd):
         st = os.fstat(oldfd)
-        if ((st.st_dev, st.st_ino) != (dev, ino) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid()
-                or stat.S_IMODE(st.st_mode) != 0o700):
+        if not _is_recorded(oldfd, rec) or st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700:
             log.warning("not resuming from %s: it is not the folder recorded, or not ours alone", name)
             return set()
         records = _read_journal(oldfd, job.options.checksum)
@@ -2384,7 +2386,7 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
               before_publish: Callable[[str, int, int], bool] = lambda tmpname, dev, ino: True,
               on_temp: Callable[[TempRecord], None] = lambda record: None,
               executor: concurrent.futures.Executor | None = None,
-              resume_from: tuple[str, int, int] | None = None) -> Result:
+              resume_from: TempRecord | None = None) -> Result:
     """Copy ``source`` into ``user_root/dest_parts.../<name>``, verified, owned, published atomically.
 
     ``dest_parts[0]`` (the user's folder) must exist; later components are
@@ -2394,11 +2396,11 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
     crash).  Raises TransferError on any failure, after removing the temporary
     folder.
 
-    ``resume_from`` (``name, device, inode``) names an earlier attempt's
-    temporary folder beside this one (the caller knows it from its own
-    record): the files its journal lists as verified, and that still check
-    out, are moved into this attempt's folder instead of being copied again
-    (see :func:`_salvage`).  That folder itself is left for the caller to remove.
+    ``resume_from`` is the :class:`TempRecord` of an earlier attempt's
+    temporary folder beside this one (the caller's own record of it): the
+    files its journal lists as verified, and that still check out, are moved
+    into this attempt's folder instead of being copied again (see
+    :func:`_salvage`).  That folder itself is left for the caller to remove.
     """
     tmpname = _temp_name(job_id, attempt)
     _new_hash(options.checksum)  # validate early
@@ -2439,7 +2441,7 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
         if journaled:
             job.journal = _Journal(tmpfd, options.checksum, options.fsync)
             if resume_from is not None:
-                kept = _salvage(job, parentfd, resume_from)
+                kept = _salvage(job, parentfd, _temp_name(job_id, resume_from.attempt), resume_from)
         where = None
         if options.processes > 0:
             sst = os.fstat(srcfd)

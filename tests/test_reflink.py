@@ -118,7 +118,10 @@ def test_files_are_cloned_and_verified(xenv: Env, processes: int) -> None:
     os.chmod(src / "mid.bin", 0o640)
     os.chmod(src / "small-0.txt", 0o4777)
     os.utime(src / "big.bin", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
-    r = xenv.copy(options=CopyOptions(processes=processes, uid=1234, gid=5678))
+    try:
+        r = xenv.copy(options=CopyOptions(processes=processes, uid=1234, gid=5678))
+    finally:
+        engine.shutdown_workers(wait=True)
     dst = xenv.alice / "dts-1"
     assert tree_of(dst) == files
     nonempty = [rel for rel, data in files.items() if data]
@@ -212,7 +215,10 @@ def test_no_reflink_filesystem_copies(plainfs: Path, processes: int, monkeypatch
     env = Env(plainfs)
     src, files = fill(env)
     spy = Counting(monkeypatch)
-    r = env.copy(options=CopyOptions(processes=processes))
+    try:
+        r = env.copy(options=CopyOptions(processes=processes))
+    finally:
+        engine.shutdown_workers(wait=True)
     assert tree_of(env.alice / "dts-1") == files
     assert r.files_cloned == 0
     assert spy.clones <= 1

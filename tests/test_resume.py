@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 
 from dtsbridge import engine
@@ -50,7 +51,7 @@ def payload(n: int = 12, size: int = 700_000) -> dict[str, Any]:
 
 
 def crash_half_way(env: Env, rel: str = "alice/dts-1", fsync: bool = False, uid: int | None = None,
-                   gid: int | None = None, checkpoint: int | None = None) -> tuple[str, int, int]:
+                   gid: int | None = None, checkpoint: int | None = None) -> tuple[str, engine.TempRecord]:
     """Copy in a child process, SIGKILL it once half the bytes are verified; the dead attempt's folder."""
     args = {"dts": str(env.dts), "rel": rel, "users": str(env.users), "job": JOB, "fsync": fsync,
             "uid": uid, "gid": gid, "checkpoint": checkpoint}
@@ -65,8 +66,11 @@ def crash_half_way(env: Env, rel: str = "alice/dts-1", fsync: bool = False, uid:
         p.send_signal(signal.SIGKILL)
         p.wait()
     name = engine._temp_name(JOB, "1")
-    st = os.stat(env.alice / name)
-    return name, st.st_dev, st.st_ino
+    fd = os.open(env.alice / name, os.O_RDONLY | os.O_DIRECTORY)
+    try:  # what the service records in Redis for the folder it made
+        return name, engine._temp_record(fd, "1", uid)
+    finally:
+        os.close(fd)
 
 
 def journal(env: Env, name: str) -> list[dict[str, Any]]:
@@ -78,9 +82,11 @@ def inodes(root: Path) -> dict[str, int]:
     return {str(p.relative_to(root)): p.stat().st_ino for p in root.rglob("*") if p.is_file()}
 
 
-def resume(env: Env, old: tuple[str, int, int] | None, **kw: Any) -> engine.Result:
+def resume(env: Env, old: tuple[str, engine.TempRecord] | engine.TempRecord | None, **kw: Any) -> engine.Result:
     kw.setdefault("options", CopyOptions(fsync=False))
-    return env.copy(attempt="2", resume_from=old, **kw)
+    if isinstance(old, tuple):
+        old = old[1]
+    return env.copy(attempt=kw.pop("attempt", "2"), resume_from=old, **kw)
 
 
 # ---------------------------------------------------------------------------
@@ -143,14 +149,21 @@ def test_kept_files_that_do_not_check_out_are_copied_again(env: Env) -> None:
 
 def test_a_folder_not_the_recorded_one_is_never_adopted(env: Env) -> None:
     src = make_tree(env.dts / "alice" / "dts-1", payload())
-    name, dev, ino = crash_half_way(env)
-    assert resume(env, (name, dev, ino + 1)).files_resumed == 0  # another inode: a look-alike
+    name, rec = crash_half_way(env)
+    assert resume(env, attrs.evolve(rec, ino=rec.ino + 1)).files_resumed == 0  # another inode: a look-alike
+    if rec.btime_ns:  # another birth time: the inode number was reused
+        assert resume(env, attrs.evolve(rec, btime_ns=rec.btime_ns + 1), attempt="3").files_resumed == 0
+    assert resume(env, engine.TempRecord("1"), attempt="4").files_resumed == 0  # no inode recorded
     os.chmod(env.alice / name, 0o755)  # once others could enter it, nothing in it is trusted
-    assert resume(env, (name, dev, ino)).files_resumed == 0
+    assert resume(env, rec, attempt="5").files_resumed == 0
     os.chmod(env.alice / name, 0o700)
     os.chown(env.alice / name, 1000, 1000)  # not ours
-    assert resume(env, (name, dev, ino)).files_resumed == 0
-    for d in ("dts-1", "dts-1-1", "dts-1-2"):
+    assert resume(env, rec, attempt="6").files_resumed == 0
+    os.chown(env.alice / name, 0, 0)
+    assert resume(env, rec, attempt="7").files_resumed > 0  # the very folder, ours alone: kept
+    published = [d for d in os.listdir(env.alice) if d.startswith("dts-1")]
+    assert len(published) == 5 + bool(rec.btime_ns)
+    for d in published:
         assert tree_of(env.alice / d) == tree_of(src)
 
 
@@ -335,3 +348,23 @@ def test_restart_recopies_a_kept_file_that_does_not_check_out(services) -> None:
     assert tree_of(svc.user_root / "alice" / "run1") == tree_of(svc.dts_root / "run1")
     assert job["files_resumed"] == len(recorded) - 1, job
     assert leftovers(svc.user_root) == []
+
+
+@pytest.mark.parametrize("processes", [0, 2])
+def test_every_verified_file_is_journaled(env: Env, monkeypatch: pytest.MonkeyPatch, processes: int) -> None:
+    """Files copied by threads and by worker processes alike are recorded (by the service's process)."""
+    tree = {f"d{i % 3}": {} for i in range(3)}
+    for i in range(60):
+        tree[f"d{i % 3}"][f"f{i}.dat"] = os.urandom(5000 + i)  # type: ignore[index]
+    tree["big.bin"] = os.urandom(5 * MiB)
+    src = make_tree(env.dts / "alice" / "dts-1", tree)
+    seen: list[tuple[Any, ...]] = []
+    real = engine._Journal.add
+    monkeypatch.setattr(engine._Journal, "add", lambda self, recs: seen.extend(recs) or real(self, recs))
+    try:
+        env.copy(options=CopyOptions(fsync=False, processes=processes))
+    finally:
+        engine.shutdown_workers(wait=True)
+    files = tree_of(src)
+    assert sorted(r[0] for r in seen) == sorted(files)
+    assert all(r[1] == len(files[r[0]]) for r in seen)
