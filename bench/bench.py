@@ -778,6 +778,23 @@ def _service_writes(pid: int, redis_pids: list[int]) -> int:
     return proc_write_bytes(pid) + sum(proc_write_bytes(c) for c in descendants(pid) if c not in redis_pids)
 
 
+def _temp_bytes(parent: Path, job_id: str) -> int:
+    """Bytes written so far in a job's temporary folder(s) under ``parent``."""
+    total = 0
+    try:
+        tops = [e for e in os.scandir(parent) if e.name.startswith(f".dtsbridge-{job_id}-")]
+    except OSError:
+        return 0
+    for top in tops:
+        for dirpath, _dirs, names in os.walk(top.path):
+            for n in names:
+                try:
+                    total += os.stat(os.path.join(dirpath, n), follow_symlinks=False).st_size
+                except OSError:
+                    pass
+    return total
+
+
 def _wait_job(svc: DtsBridge, job_id: str, until: Callable[[dict[str, Any]], bool], poll: float = 0.005,
               timeout: float = 1800) -> dict[str, Any]:
     deadline = time.perf_counter() + timeout
@@ -850,12 +867,14 @@ def _run_resume(args: argparse.Namespace, work: Path) -> int:
                 if resp.status != 202:
                     raise SystemExit(f"async POST answered {resp.status}: {resp.body[:300]!r}")
                 job_id = resp.json()["job_id"]
-                st = _wait_job(svc, job_id, lambda s: (s.get("bytes_done") or 0) >= args.resume_kill_at * nbytes
-                               or s["status"] == "SUCCESS", poll=0.002)
+                # bytes_done in Redis moves once a second: watch the temporary folder itself instead.
+                deadline = time.perf_counter() + 600
+                while (got := _temp_bytes(svc.user_root / f"c{r}", job_id)) < args.resume_kill_at * nbytes:
+                    if time.perf_counter() > deadline or (svc.user_root / f"c{r}" / "multi").exists():
+                        raise SystemExit(f"the job ended or stalled before it could be killed\n{svc.log_tail()}")
+                    time.sleep(0.002)
                 svc.kill()
-                if st["status"] == "SUCCESS":
-                    raise SystemExit("the job ended before it could be killed: use more data")
-                killed_at.append(st["bytes_done"] / nbytes)
+                killed_at.append(got / nbytes)
                 sync()
                 # The restart: timed from the process being up (healthy) to SUCCESS; write_bytes over its life.
                 t0 = time.perf_counter()
@@ -886,7 +905,7 @@ def _run_resume(args: argparse.Namespace, work: Path) -> int:
          f"<= {TARGET_RESUME}", "MET" if rt / ft <= TARGET_RESUME else "NOT MET"),
         (f"resume: bytes written by the restarted process / full copy's ({rw / 1e6:.0f} MB / {fw / 1e6:.0f} MB)",
          f"{rw / fw:.3f}", f"<= {TARGET_RESUME}", "MET" if rw / fw <= TARGET_RESUME else "NOT MET"),
-        ("killed at (bytes_done / bytes_total, median)", f"{statistics.median(killed_at):.2f}", ">= 0.70",
+        ("killed at (bytes in its temporary folder / total, median)", f"{statistics.median(killed_at):.2f}", ">= 0.70",
          "MET" if statistics.median(killed_at) >= 0.7 else "NOT MET"),
     ]
     _summary(f"SUMMARY --resume (multi = {files} x {mib} MiB; medians of {args.rounds}; kill -9 of the process group; "

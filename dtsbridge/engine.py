@@ -1488,10 +1488,10 @@ class _Job:
         elif self.journal is not None:
             self.journal_add([rec])
 
-    def journal_add(self, recs: list[tuple[Any, ...]]) -> None:
+    def journal_add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True) -> None:
         if self.journal is None:
             return
-        self.journal.add(recs)
+        self.journal.add(recs, checkpoint)
         if self.faults and 2 * self.journal.recorded >= self.plan.bytes:
             self.fault_once("half")
 
@@ -1961,7 +1961,8 @@ class _Journal:
         data = "".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs).encode()
         _write_all(self.fd, memoryview(data))  # O_APPEND: one write per call, never interleaved
 
-    def add(self, recs: list[tuple[Any, ...]]) -> None:
+    def add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True) -> None:
+        """Append records; with ``checkpoint`` (files written by this attempt) they count towards the next sync."""
         if not recs:
             return
         objs = [{"p": rel, "s": size, "i": ino, "si": sino, "m": mtime, "h": digest, "mh": mh, "mr": mr}
@@ -1971,7 +1972,8 @@ class _Journal:
             self.lines += len(objs)
             nbytes = sum(r[1] for r in recs)
             self.recorded += nbytes
-            self.unsynced += nbytes
+            if checkpoint:
+                self.unsynced += nbytes
             due = self.fsync and self.unsynced >= CHECKPOINT_BYTES
             if due:
                 self.unsynced = 0
@@ -2169,11 +2171,11 @@ def _salvage(job: _Job, parentfd: int, name: str, rec: TempRecord) -> set[str]:
                     job.checked(0, 1, (f.rel,))
                 job.files_resumed += 1
                 job.bytes_resumed += f.size
-                if len(moved) >= 256:
-                    job.journal_add(moved)
+                if len(moved) >= 256:  # (moved, not written: no sync is due for them)
+                    job.journal_add(moved, checkpoint=False)
                     moved = []
         finally:
-            job.journal_add(moved)
+            job.journal_add(moved, checkpoint=False)
             for fd in (*olddirs.values(), *newdirs.values()):
                 _close(fd)
     if kept:
