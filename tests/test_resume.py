@@ -360,7 +360,7 @@ def test_every_verified_file_is_journaled(env: Env, monkeypatch: pytest.MonkeyPa
     src = make_tree(env.dts / "alice" / "dts-1", tree)
     seen: list[tuple[Any, ...]] = []
     real = engine._Journal.add
-    monkeypatch.setattr(engine._Journal, "add", lambda self, recs: seen.extend(recs) or real(self, recs))
+    monkeypatch.setattr(engine._Journal, "add", lambda self, recs, *a: seen.extend(recs) or real(self, recs, *a))
     try:
         env.copy(options=CopyOptions(fsync=False, processes=processes))
     finally:
