@@ -102,6 +102,7 @@ class EventHub:
         self._loop: Deferred | None = None
         self._ping: task.LoopingCall | None = None
         self._wake: Deferred | None = None
+        self._ready: list[Deferred] = []  # streams waiting for the reader's first position
 
     # -- life ----------------------------------------------------------------
 
@@ -174,6 +175,10 @@ class EventHub:
             except StoreUnavailable:
                 await self._pause(0.5)
                 return
+            waiting, self._ready = self._ready, []
+            for d in waiting:
+                if not d.called:
+                    d.callback(None)
         if self._conn is None:
             try:
                 self.store.redis  # noqa: B018 - an embedded Redis that is still starting raises
@@ -215,12 +220,29 @@ class EventHub:
 
     # -- one stream ----------------------------------------------------------------
 
+    async def wait_ready(self) -> None:
+        """Wait until the reader knows where it reads from (:class:`StoreUnavailable` if it cannot).
+
+        A stream must not subscribe before: the events up to the reader's position come
+        from the stream's replay, the later ones from the reader.
+        """
+        if self.position is not None:
+            return
+        d = Deferred()
+        self._ready.append(d)
+        d.addTimeout(self.store.timeout * 2, self.reactor)
+        try:
+            await d
+        except defer.TimeoutError:
+            raise StoreUnavailable("the event reader has not reached Redis yet") from None
+
     async def stream(self, sub: Subscriber, after: str | None) -> None:
         """Replay what came after ``after`` (none: start with the next change), then follow live.
 
         Returns when the hub stops; a client hanging up cancels it (Klein cancels the
         route's Deferred), which takes the subscriber out of the hub.
         """
+        await self.wait_ready()
         self.subscribe(sub)
         try:
             if after is None:

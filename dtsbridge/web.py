@@ -375,6 +375,7 @@ class Api:
         if self.events is None:
             raise ApiError(503, "events are not available")
         # Fail now (503) rather than after the headers when Redis does not answer.
+        await self.events.wait_ready()
         if after is None:
             after = await self.bridge.store.last_event_id()
         self.bridge.metrics.requests.labels("/events", "200").inc()

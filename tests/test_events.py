@@ -267,3 +267,27 @@ def test_cli_events_prints_kept_events_and_follows_a_job_to_its_end(services):
     p = _cli(b, "events", token="nope")
     out, err = p.communicate(timeout=30)
     assert p.returncode == 1 and "401" in err
+
+
+def test_events_with_the_embedded_redis_resume_after_a_restart(tmp_path):
+    """The default setup (``[redis] url = embedded``): the reader waits for Redis, events outlive a restart."""
+    from tests.harness import DtsBridge
+    b = DtsBridge(tmp_path, "embedded")
+    try:
+        b.start()
+        make_tree(b.dts_root / "one", {"f.txt": b"hello"})
+        s = SseStream(b.port, token=DTS_TOKEN)
+        s.wait_comment("live")
+        job_id = b.complete("alice", "one").json()["job_id"]
+        s.wait(lambda ev: "SUCCESS" in _statuses(ev))
+        ids = [e["id"] for e in s.events]
+        s.close()
+        b.stop()
+        b.start()
+        again = SseStream(b.port, token=ALICE_TOKEN, headers={"Last-Event-ID": ids[0]})
+        again.wait_comment("live")
+        assert [e["id"] for e in again.events] == ids[1:]
+        assert again.events[-1]["job"]["job_id"] == job_id
+        again.close()
+    finally:
+        b.kill()
