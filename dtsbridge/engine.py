@@ -178,6 +178,7 @@ class _OpenHow(ctypes.Structure):
 # statx(2) through libc (glibc >= 2.28): the mount id (STATX_MNT_ID, Linux >= 5.8) tells a
 # bind mount from its surroundings when both are on one filesystem (same st_dev).
 AT_SYMLINK_NOFOLLOW = 0x100
+AT_NO_AUTOMOUNT = 0x800  # implied by fstatat, not by statx: the scan must never trigger a mount
 AT_EMPTY_PATH = 0x1000
 STATX_BASIC_STATS = 0x7FF
 STATX_BTIME = 0x800
@@ -246,7 +247,7 @@ def _ns(ts: _StatxTimestamp) -> int:
 
 def _lstat_at(dirfd: int, name: str) -> _Lstat:
     """``lstat`` of ``name`` in ``dirfd`` with the entry's mount id (a bind-mounted file shows its own)."""
-    sx = _statx(dirfd, os.fsencode(name), AT_SYMLINK_NOFOLLOW, STATX_BASIC_STATS | STATX_MNT_ID)
+    sx = _statx(dirfd, os.fsencode(name), AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT, STATX_BASIC_STATS | STATX_MNT_ID)
     if sx is None:
         st = os.stat(name, dir_fd=dirfd, follow_symlinks=False)
         return _Lstat(st.st_mode, st.st_size, st.st_ino, st.st_nlink, st.st_dev, st.st_atime_ns, st.st_mtime_ns, None)
