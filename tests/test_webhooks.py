@@ -218,3 +218,26 @@ def test_webhooks_all_events_no_answer_and_two_processes(services, receiver, red
     err = redis_proc.cli("HGET", f"dtsbridge:hook:{events[0]} http://127.0.0.1:{refused_port}/x", "last_error")
     assert "refused" in err.lower() or "connect" in err.lower(), err
     assert "dtsbridge_webhooks_failed_attempts_total" in a.call("GET", "/metrics").body.decode()
+
+
+def test_webhooks_with_defaults_and_the_embedded_redis_across_a_restart(tmp_path, receiver):
+    """As configured out of the box (embedded Redis, default retry timing): the first retry within 10 s."""
+    from tests.harness import DtsBridge
+    hook = receiver(lambda n: "500" if n == 1 else "ok")
+    b = DtsBridge(tmp_path, "embedded", settings={"notify": {"webhook_urls": hook.url, "webhook_secret": SECRET}})
+    try:
+        b.start()
+        make_tree(b.dts_root / "one", {"f.txt": b"hello"})
+        first = b.complete("alice", "one").json()["job_id"]
+        wait_until(lambda: len(hook.requests) >= 1, 20, "the first attempt", b.log_tail)
+        b.stop()  # the failed delivery waits in the embedded Redis (append-only file)
+        b.start()
+        make_tree(b.dts_root / "two", {"f.txt": b"two"})
+        second = b.complete("alice", "two").json()["job_id"]
+        wait_until(lambda: {v["job"]["job_id"] for v in hook.delivered().values()} == {first, second}, 40,
+                   "both ends delivered", b.log_tail)
+        retried = [r for r in hook.requests if json.loads(r["body"])["job"]["job_id"] == first]
+        assert [r["action"] for r in retried] == ["500", "ok"]
+        assert retried[1]["t"] - retried[0]["t"] <= 10 + 5  # first retry within 10 s (+ the restart)
+    finally:
+        b.kill()
