@@ -19,6 +19,7 @@ import os
 import pwd
 import secrets
 import socket
+import stat
 import threading
 import time
 import uuid
@@ -49,6 +50,72 @@ class RequestError(Exception):
 
 class Draining(Exception):
     """The process is shutting down and takes no new work."""
+
+
+class Periodic:
+    """Calls ``fn`` every ``interval`` seconds on ``clock``, whatever it raises or returns.
+
+    magic-wormhole's ``TimerService`` + catch-and-log: a ``LoopingCall`` stops for
+    good when its function fails, so every run is wrapped here; a failure (raised,
+    or a failed Deferred or coroutine) is logged and the next tick comes as usual.
+    The first failure of a streak is logged with its traceback, then one line a
+    minute while it lasts, and the recovery once it ends. A run still going when a
+    tick is due delays that tick (runs never overlap).
+    """
+
+    log = Logger()
+
+    def __init__(self, name: str, interval: float, fn: Callable[[], Any], clock) -> None:
+        self.name = name
+        self.interval = interval
+        self.fn = fn
+        self.clock = clock
+        self.runs = 0
+        self.failures = 0  # in a row
+        self._logged_at: float | None = None
+        self._loop = task.LoopingCall(self._once)
+        self._loop.clock = clock
+
+    @property
+    def running(self) -> bool:
+        return self._loop.running
+
+    def start(self, now: bool = True) -> None:
+        self._loop.start(self.interval, now=now).addErrback(
+            lambda f: self.log.failure("{task}: its loop stopped", f, task=self.name))
+
+    def stop(self) -> None:
+        if self._loop.running:
+            self._loop.stop()
+
+    def _once(self) -> Deferred:
+        self.runs += 1
+
+        def call() -> Any:
+            r = self.fn()
+            return ensureDeferred(r) if hasattr(r, "__await__") and not isinstance(r, Deferred) else r
+
+        d = defer.maybeDeferred(call)
+        d.addCallbacks(self._ok, self._failed)
+        return d
+
+    def _ok(self, _: Any) -> None:
+        if self.failures:
+            self.log.info("{task} works again after {n} failed runs", task=self.name, n=self.failures)
+        self.failures = 0
+        self._logged_at = None
+
+    def _failed(self, f) -> None:
+        self.failures += 1
+        now = self.clock.seconds()
+        if self._logged_at is None:
+            self.log.failure("{task} failed; it runs again in {interval:g} s", f, task=self.name,
+                             interval=self.interval)
+            self._logged_at = now
+        elif now - self._logged_at >= 60:
+            self.log.warn("{task} still failing ({n} runs in a row): {error}", task=self.name, n=self.failures,
+                          error=f.getErrorMessage())
+            self._logged_at = now
 
 
 @attrs.define
@@ -93,6 +160,7 @@ class Bridge:
         self.running: dict[str, Running] = {}
         self.draining = False
         self.halt_when_idle = False  # SIGUSR2: finish current jobs, take no more
+        self.stopping = False  # stop() is handing jobs back: Redis calls no longer wait out an outage
         self._waiters: dict[str, list[Deferred]] = {}
         self._claiming = False
         self._poll = None
@@ -111,42 +179,50 @@ class Bridge:
     # -- lifecycle -------------------------------------------------------
 
     def start(self) -> None:
-        self._poll = task.LoopingCall(self._claim_soon)
-        self._poll.clock = self.reactor
-        self._poll.start(0.2, now=False)
-        self._tick = task.LoopingCall(lambda: ensureDeferred(self.tick()))
-        self._tick.clock = self.reactor
-        self._tick.start(1.0, now=True)
+        self._poll = Periodic("claiming jobs", 0.2, self._claim_soon, self.reactor)
+        self._poll.start(now=False)
+        self._tick = Periodic("housekeeping (leases, recovery, staging timeouts)", 1.0, self.tick, self.reactor)
+        self._tick.start(now=True)
         self.reactor.callLater(0, lambda: ensureDeferred(self.recover_dead_local()))
 
     async def stop(self, grace: float | None = None) -> None:
-        """Take no new work; let running copies finish for ``grace`` seconds, then hand them back."""
+        """Take no new work; let running copies finish for ``grace`` seconds, then hand them back.
+
+        A copy past its publish fence may already be published: it is never handed
+        back (nor can it be cancelled); it finishes and records its result here.
+        """
         self.draining = True
-        for loop in (self._poll,):
-            if loop is not None and loop.running:
-                loop.stop()
+        if self._poll is not None:
+            self._poll.stop()
         grace = self.config.drain_grace if grace is None else grace
         deadline = time.monotonic() + grace
         while self.running and time.monotonic() < deadline:
             await task.deferLater(self.reactor, 0.1, lambda: None)
+        self.stopping = True  # from now on no Redis call waits out an outage (_retrying)
         for run in list(self.running.values()):
             if run.ended is not None:
                 # Its job already ended (stalled copy): keep the claim, so that if the thread
                 # never returns, recovery finds the ended job and removes its temporary folder.
                 run.lost = True
                 continue
-            self.log.info("handing {job_id} back to the queue at shutdown", job_id=run.job_id)
-            run.lost = True
-            run.stop.set()
+            run.stop.set()  # no fence from now on: a copy not yet fenced will not publish
             try:
-                await self.store.release(run.job_id, run.token, "handed back to the queue by a stopping process")
+                r = await self.store.release(run.job_id, run.token, "handed back to the queue by a stopping process")
             except Exception as e:  # noqa: BLE001
-                self.log.warn("could not hand {job_id} back: {e}", job_id=run.job_id, e=e)
-        # give the engines a moment to clean their temporary folders
+                self.log.warn("could not hand {job_id} back ({e}); its lease will lapse and another process "
+                              "will take it up", job_id=run.job_id, e=e)
+                run.lost = True
+                continue
+            if r == "publishing":
+                self.log.info("job {job_id} is publishing; letting it finish", job_id=run.job_id)
+                continue
+            self.log.info("handed {job_id} back to the queue at shutdown", job_id=run.job_id)
+            run.lost = True
+        # let the publishing ones finish and the others clean their temporary folders
         deadline = time.monotonic() + 10
         while self.running and time.monotonic() < deadline:
             await task.deferLater(self.reactor, 0.05, lambda: None)
-        if self._tick is not None and self._tick.running:
+        if self._tick is not None:
             self._tick.stop()
 
     # -- requests --------------------------------------------------------
@@ -155,19 +231,31 @@ class Bridge:
         if self.config.ownership == "fixed":
             return self.config.uid, self.config.gid
         if self.config.ownership == "passwd":
-            pw = pwd.getpwnam(user)
+            try:
+                pw = pwd.getpwnam(user)
+            except KeyError:
+                raise errors.TransferError(errors.USER_NOT_FOUND, f"user {user!r} has no system account "
+                                           "([ownership] mode = passwd gives files to it)") from None
             return pw.pw_uid, pw.pw_gid
         return None, None
 
     async def check_user(self, user: str) -> None:
         if not engine.valid_username(user):
             raise RequestError(400, "target_user is not a valid KBase username "
-                                    "(a lowercase letter, then lowercase letters, digits or _; at most 100)")
+                                    "(a lowercase letter, then lowercase letters, digits or _; at most 100)",
+                               reason=errors.BAD_REQUEST)
+        # A datastore folder that is a link or not a folder is refused whatever says the user exists.
+        if not await self.run_in_thread(_user_folder_safe, self.config.user_root, user):
+            raise RequestError(403, f"the datastore folder of {user!r} is a symbolic link or not a folder",
+                               reason=errors.UNSAFE_DESTINATION)
         if not await self.users.exists(user):
-            raise RequestError(400, f"user {user!r} does not exist")
-        if self.config.users_check != "directory":
+            raise RequestError(400, f"user {user!r} does not exist", reason=errors.USER_NOT_FOUND)
+        try:
             uid, gid = await self.run_in_thread(self._ownership, user)
-            await self.run_in_thread(engine.ensure_dir, self.config.user_root, [user], uid, gid)
+            if self.config.users_check != "directory":
+                await self.run_in_thread(engine.ensure_dir, self.config.user_root, [user], uid, gid)
+        except errors.TransferError as e:
+            raise RequestError(e.http_status, e.message, reason=e.reason) from None
 
     async def resolve(self, subdirectory: str) -> engine.Source:
         try:
@@ -203,7 +291,15 @@ class Bridge:
             raise Draining()
         await self.check_user(user)
         if source is None:
-            source = await self.resolve(subdirectory)
+            try:
+                source = await self.resolve(subdirectory)
+            except RequestError as e:
+                # A repeat of a request that succeeded answers with its job even when the
+                # source is gone since (delete_source), for as long as the job is kept.
+                done = await self._succeeded_for(user, subdirectory) if e.code == 404 else None
+                if done is None:
+                    raise
+                return done, False
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.SUBMITTED, user, subdirectory, submitter, kind, source)
         if timeout is not None:
@@ -214,9 +310,26 @@ class Bridge:
             self.log.info("job {job_id} queued: {folder} for {user} by {submitter}", job_id=job_id,
                           folder=source.rel, user=user, submitter=submitter)
             self._claim_soon()
+        return await self._must_get(job_id), created
+
+    async def _succeeded_for(self, user: str, subdirectory: str) -> Job | None:
+        """The successful job that owns ``subdirectory`` for ``user``, if any (no filesystem access)."""
+        try:
+            rel = await self.run_in_thread(_staging_rel, self.config.dts_root, subdirectory)
+        except errors.TransferError:
+            return None
+        if not rel:
+            return None
+        job_id = await self.store.folder_job(self.store.folder_key(user, rel))
+        job = await self.store.get_job(job_id) if job_id else None
+        return job if job is not None and job.status == Status.SUCCESS else None
+
+    async def _must_get(self, job_id: str) -> Job:
         job = await self.store.get_job(job_id)
-        assert job is not None
-        return job, created
+        if job is None:
+            raise RequestError(500, f"the record of job {job_id} vanished from the job store",
+                               reason=errors.INTERNAL, job_id=job_id)
+        return job
 
     async def submit_staging(self, user: str, subdirectory: str, submitter: str,
                              timeout: float | None, job_timeout: float | None = None) -> tuple[Job, str]:
@@ -245,9 +358,7 @@ class Bridge:
         # the job and its staging deadline in one step: no job can wait for a stager forever
         await self.store.create_job(job_id, fields, staging_s=timeout)
         self.log.info("job {job_id} waits for a stager ({timeout:g} s)", job_id=job_id, timeout=timeout)
-        job = await self.store.get_job(job_id)
-        assert job is not None
-        return job, code
+        return await self._must_get(job_id), code
 
     async def done_staging(self, job_id: str, code: str, success: bool, path: str | None,
                            staged_to: str | None, msg: str | None) -> Job:
@@ -258,8 +369,7 @@ class Bridge:
         fields: dict[str, Any] = {"staged_to": staged_to, "stager_msg": msg, "stager_success": success}
         folder_key = None
         if success:
-            job = await self.store.get_job(job_id)
-            assert job is not None
+            job = await self._must_get(job_id)
             source = await self.resolve_for_staging(job.subdirectory, path)
             fields.update(source_rel=source.rel, stager_path=path,
                           detailed_status="staged; queued for copying")
@@ -274,9 +384,7 @@ class Bridge:
             self._claim_soon()
         else:
             self.metrics.jobs_finished.labels("ERROR", errors.STAGING_FAILED).inc()
-        job = await self.store.get_job(job_id)
-        assert job is not None
-        return job
+        return await self._must_get(job_id)
 
     async def resolve_for_staging(self, subdirectory: str, path: str | None = None) -> engine.Source:
         """The folder a stager delivers: ``path`` if given, which must be the submitted
@@ -317,9 +425,7 @@ class Bridge:
         else:
             self.metrics.jobs_finished.labels("CANCELLED", errors.CANCELLED).inc()
         self._notify(job_id)
-        job = await self.store.get_job(job_id)
-        assert job is not None
-        return job
+        return await self._must_get(job_id)
 
     async def wait(self, job_id: str) -> Job:
         """Wait until the job ends (here or in another process)."""
@@ -328,7 +434,7 @@ class Bridge:
         failing_since: float | None = None
         while True:
             try:
-                job = await self.store.get_job(job_id)
+                job = await self._must_get(job_id)  # a record that vanished: say so, never wait forever
                 failing_since = None
             except StoreUnavailable:
                 now = time.monotonic()
@@ -387,12 +493,20 @@ class Bridge:
             self._claiming = False
 
     async def _retrying(self, what: str, job_id: str, call: Callable[[], Awaitable[Any]]) -> Any:
-        """Keep trying a Redis call through an outage; a copy's result must not be lost."""
+        """Keep trying a Redis call through an outage; a copy's result must not be lost.
+
+        Once the process is stopping (:meth:`stop` is handing jobs back) it gives up
+        with :class:`StoreUnavailable` instead: a copy thread waiting on it must not
+        hold the thread pool (and the exit) forever. The job's lease then lapses and
+        another process, or this one restarted, takes it up.
+        """
         delay = 0.2
         while True:
             try:
                 return await call()
             except StoreUnavailable as e:
+                if self.stopping:
+                    raise
                 self.log.warn("{what} for {job_id} waits for Redis: {e}", what=what, job_id=job_id, e=e)
                 await task.deferLater(self.reactor, delay, lambda: None)
                 delay = min(delay * 2, 5)
@@ -411,8 +525,13 @@ class Bridge:
                 self.log.info("job {job_id}: this process no longer holds it; not recording a result",
                               job_id=job_id)
                 return
-            ended = await self._retrying("recording the result", job_id, lambda: self.store.finish(
-                job_id, token, status, now_iso(), fields))
+            try:
+                ended = await self._retrying("recording the result", job_id, lambda: self.store.finish(
+                    job_id, token, status, now_iso(), fields))
+            except StoreUnavailable as e:
+                self.log.warn("job {job_id}: could not record its result at shutdown ({e}); its lease will "
+                              "lapse and it will be taken up again", job_id=job_id, e=e)
+                return
             if ended is not None and run.ended is None:
                 self.metrics.jobs_finished.labels(ended, fields.get("reason", "") if ended != "CANCELLED"
                                                   else errors.CANCELLED).inc()
@@ -484,10 +603,13 @@ class Bridge:
                 phase_started[0] = now
                 if run.stop.is_set():
                     return False
-                return blockingCallFromThread(self.reactor, lambda: ensureDeferred(self._retrying(
-                    "fencing the publish", run.job_id, lambda: self.store.fence(run.job_id, run.token, {
-                        "publish_tmp": tmpname, "publish_dev": dev, "publish_ino": ino,
-                        "publish_files": run.files_total, "publish_bytes": run.bytes_total}))))
+                try:
+                    return blockingCallFromThread(self.reactor, lambda: ensureDeferred(self._retrying(
+                        "fencing the publish", run.job_id, lambda: self.store.fence(run.job_id, run.token, {
+                            "publish_tmp": tmpname, "publish_dev": dev, "publish_ino": ino,
+                            "publish_files": run.files_total, "publish_bytes": run.bytes_total}))))
+                except StoreUnavailable:
+                    return False  # stopping with Redis away: do not publish; the job is taken up again
 
             made: list[engine.TempRecord] = []
 
@@ -565,8 +687,14 @@ class Bridge:
     # -- housekeeping ------------------------------------------------------
 
     async def tick(self) -> None:
-        """Every second: renew leases and record progress, then recover lapsed jobs and staging timeouts."""
+        """Every second: renew leases and record progress, then recover lapsed jobs and staging timeouts.
+
+        Runs as a :class:`Periodic`: whatever it raises is logged and it runs again at
+        the next tick. Each step is tried even when an earlier one failed (but none
+        once Redis is unreachable).
+        """
         renewed = True
+        failure: Exception | None = None
         for run in list(self.running.values()):
             fields = {"files_done": run.files_done, "bytes_done": run.bytes_done,
                       "files_total": run.files_total, "bytes_total": run.bytes_total,
@@ -576,6 +704,10 @@ class Bridge:
             except StoreUnavailable:
                 renewed = False
                 continue
+            except Exception as e:  # noqa: BLE001 - any other refusal: renew the other runs, then report it
+                renewed = False
+                failure = failure or e
+                continue
             if st is None:
                 self.log.warn("job {job_id}: lease lost; stopping this copy", job_id=run.job_id)
                 run.lost = True
@@ -584,38 +716,51 @@ class Bridge:
                 if run.ended is None and st != "CANCELLED":
                     run.ended = st
                 run.stop.set()
+        steps = [self._recover_lapsed, self._sweep_staging, self._sweep_deadlines, self.store.trim,
+                 self._refresh_counts]
         if renewed and self.config.stall_seconds > 0:
-            await self._stalls()
+            steps.insert(0, self._stalls)
         if not renewed:
             # Redis was away: our own leases may have lapsed meanwhile. Renew them first (next
             # tick) rather than let a recover that reaches Redis first requeue our running copies.
-            return
-        try:
-            requeued, ended = await self.store.recover("resumed after its worker was lost")
-            for job_id in requeued:
-                self.log.info("job {job_id}: lease lapsed; back in the queue", job_id=job_id)
-            for job_id in ended:
-                await self._cleanup_ended(job_id)
-            if requeued:
-                self._claim_soon()
-            for job_id in await self.store.sweep_staging(now_iso()):
-                self.log.info("job {job_id}: staging timed out", job_id=job_id)
-                self.metrics.jobs_finished.labels("ERROR", errors.STAGING_TIMEOUT).inc()
-                self._notify(job_id)
-            for job_id in await self.store.sweep_deadlines(now_iso()):
-                self.log.info("job {job_id}: not finished within its timeout_seconds; ended", job_id=job_id)
-                self.metrics.jobs_finished.labels("ERROR", errors.TIMEOUT).inc()
-                run = self.running.get(job_id)
-                if run is not None:
-                    run.ended = "ERROR"
-                    run.stop.set()
-                self._notify(job_id)
-            await self.store.trim()
-            self.counts = await self.store.counts()
-        except StoreUnavailable:
-            pass
-        except Exception:  # noqa: BLE001
-            self.log.failure("housekeeping failed")
+            steps.remove(self._recover_lapsed)
+        for step in steps:
+            try:
+                await step()
+            except StoreUnavailable:
+                break  # Redis is away: the other steps would each wait out the timeout too
+            except Exception as e:  # noqa: BLE001 - the next steps still run; reported below
+                failure = failure or e
+        if failure is not None:
+            raise failure
+
+    async def _recover_lapsed(self) -> None:
+        requeued, ended = await self.store.recover("resumed after its worker was lost")
+        for job_id in requeued:
+            self.log.info("job {job_id}: lease lapsed; back in the queue", job_id=job_id)
+        for job_id in ended:
+            await self._cleanup_ended(job_id)
+        if requeued:
+            self._claim_soon()
+
+    async def _sweep_staging(self) -> None:
+        for job_id in await self.store.sweep_staging(now_iso()):
+            self.log.info("job {job_id}: staging timed out", job_id=job_id)
+            self.metrics.jobs_finished.labels("ERROR", errors.STAGING_TIMEOUT).inc()
+            self._notify(job_id)
+
+    async def _sweep_deadlines(self) -> None:
+        for job_id in await self.store.sweep_deadlines(now_iso()):
+            self.log.info("job {job_id}: not finished within its timeout_seconds; ended", job_id=job_id)
+            self.metrics.jobs_finished.labels("ERROR", errors.TIMEOUT).inc()
+            run = self.running.get(job_id)
+            if run is not None:
+                run.ended = "ERROR"
+                run.stop.set()
+            self._notify(job_id)
+
+    async def _refresh_counts(self) -> None:
+        self.counts = await self.store.counts()
 
     async def _stalls(self) -> None:
         """End every running copy whose bytes have not moved for ``[copy] stall_seconds``.
@@ -687,12 +832,18 @@ class Bridge:
 
     async def recover_dead_local(self) -> None:
         """At start: jobs held by a dead process on this host go back to the queue at once."""
-        host = socket.gethostname()
         try:
-            holders = await self.store.active_holders()
-        except StoreUnavailable:
-            self.reactor.callLater(1, lambda: ensureDeferred(self.recover_dead_local()))
-            return
+            await self._recover_dead_local()
+        except Exception as e:  # noqa: BLE001 - Redis away or refusing: try again shortly
+            if not isinstance(e, StoreUnavailable):
+                self.log.failure("recovering the jobs of dead local processes failed; trying again in 5 s")
+            if not self.draining:
+                self.reactor.callLater(1 if isinstance(e, StoreUnavailable) else 5,
+                                       lambda: ensureDeferred(self.recover_dead_local()))
+
+    async def _recover_dead_local(self) -> None:
+        host = socket.gethostname()
+        holders = await self.store.active_holders()
         for job_id, claim, holder in holders:
             h, _, pid = holder.rpartition(":")
             if h != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
@@ -732,6 +883,15 @@ def _pid_alive(pid: int) -> bool:
 def _staging_rel(dts_root: str, path: str) -> str:
     """``path`` (relative to ``dts_root`` or absolute inside it) as a canonical relative path; blocking."""
     return engine.normalize_relpath(_relative_to_root(dts_root, path))
+
+
+def _user_folder_safe(user_root: str, user: str) -> bool:
+    """False when ``user_root/<user>`` exists as anything but a real folder (a link, a file...)."""
+    try:
+        st = os.lstat(os.path.join(user_root, user))
+    except (FileNotFoundError, NotADirectoryError):
+        return True  # absent: the user check decides (and may create it)
+    return stat.S_ISDIR(st.st_mode)
 
 
 def _relative_to_root(dts_root: str, path: str) -> str:

@@ -31,8 +31,11 @@ HTTP_FOR_REASON: dict[str, int] = {
     USER_NOT_FOUND: 400,
     OUTSIDE_DTS_AREA: 403,
     UNSAFE_ENTRY: 403,
+    UNSAFE_DESTINATION: 403,
     SOURCE_NOT_FOUND: 404,
     PAYLOAD_TOO_LARGE: 413,
+    # a waiting /complete_transfer whose job was cancelled: not a 5xx, which DTS would retry
+    CANCELLED: 409,
 }
 
 

@@ -771,7 +771,9 @@ class Store:
         except txredisapi.ResponseError as e:
             self.errors += 1
             msg = str(e)
-            if msg.startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN")):
+            # Redis up but refusing for now (loading, failing over, out of memory under
+            # noeviction, short of replicas): a 503, and retried by whoever must not give up.
+            if msg.startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "OOM", "NOREPLICAS")):
                 raise StoreUnavailable(f"Redis is not ready: {msg}") from None
             raise
         except ConnectionError as e:  # builtin, e.g. refused while connecting
@@ -821,6 +823,10 @@ class Store:
         if not h or "status" not in h:
             return None
         return Job.from_hash(job_id, h)
+
+    async def folder_job(self, folder_key: str) -> str | None:
+        """The id of the job that owns a folder key, if any."""
+        return await self._call(self.redis.get(folder_key))
 
     async def get_field(self, job_id: str, field: str) -> str | None:
         return await self._call(self.redis.hget(self._key("job", job_id), field))

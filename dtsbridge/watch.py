@@ -30,12 +30,11 @@ import uuid
 from typing import Any
 
 from twisted.application.service import Service
-from twisted.internet import task
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
 from dtsbridge import engine, errors
-from dtsbridge.core import Bridge, RequestError
+from dtsbridge.core import Bridge, Periodic, RequestError
 from dtsbridge.model import Status, now_iso
 from dtsbridge.store import StoreUnavailable
 
@@ -95,18 +94,18 @@ class WatchService(Service):
         self.cfg = bridge.config
         self.seen: dict[str, tuple[tuple[int, int], float]] = {}
         self.done: set[str] = set()
-        self._loop: task.LoopingCall | None = None
+        self._loop: Periodic | None = None
         self._busy = False
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self._poll)
-        self._loop.clock = self.bridge.reactor
-        self._loop.start(self.cfg.watch_interval, now=True)
+        # whatever a pass raises is logged and the next pass comes (never a dead loop)
+        self._loop = Periodic("watching the DTS area", self.cfg.watch_interval, self._poll, self.bridge.reactor)
+        self._loop.start(now=True)
 
     def stopService(self) -> None:
         super().stopService()
-        if self._loop is not None and self._loop.running:
+        if self._loop is not None:
             self._loop.stop()
 
     def _poll(self) -> None:

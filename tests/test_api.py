@@ -440,9 +440,9 @@ def test_400_user_does_not_exist(svc: DtsBridge) -> None:
     err = assert_error(svc.complete("carol", name), 400)
     assert "carol" in err["message"]
     assert not (svc.user_root / "carol").exists()
-    # a file named like a user is not a user
+    # a file where a user's folder would be is an unsafe destination (issue 9): 403, never a copy
     (svc.user_root / "dave").write_text("not a folder")
-    assert_error(svc.complete("dave", name), 400)
+    assert assert_error(svc.complete("dave", name), 403)["reason"] == "unsafe_destination"
 
 
 # -- 401 / 403 --------------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from tests.harness import DTS_TOKEN, DtsBridge, Response, leftovers, make_tree, tree_of, wait_until
-from tests.redis_fixture import RedisProcess
+from tests.redis_fixture import RedisProcess, start_private_redis
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -142,3 +142,236 @@ def test_retention_days_must_be_positive(tmp_path: Path) -> None:
         s.start(wait=False)
         assert s.proc.wait(30) == 2
         assert "[state] retention_days" in s.log_text(), s.log_text()
+
+
+# -- 4-6. answers that must not make callers do the wrong thing -----------------------
+
+
+def test_repeat_after_delete_source_answers_200_with_the_same_body(services) -> None:
+    b = services({"paths": {"delete_source": "true"}})
+    src = make_tree(b.dts_root / "gone-after", small("g"))
+    first = b.complete("alice", "gone-after")
+    assert first.status == 201, first
+    assert not src.exists()
+    for sub in ("gone-after", "./gone-after/", str(b.dts_root / "gone-after")):
+        again = b.complete("alice", sub)
+        assert again.status == 200, (sub, again)
+        assert again.json() == first.json()
+    # another user, or a folder that never was, is still a 404
+    error_of(b.complete("bob", "gone-after"), 404)
+    error_of(b.complete("alice", "never-was"), 404)
+
+
+def run_in_background(fn, *args: Any, **kw: Any) -> dict[str, Any]:
+    import threading
+
+    out: dict[str, Any] = {}
+
+    def go() -> None:
+        try:
+            out["r"] = fn(*args, **kw)
+        except Exception as e:  # noqa: BLE001
+            out["e"] = e
+    t = threading.Thread(target=go, daemon=True)
+    t.start()
+    out["thread"] = t
+    return out
+
+
+def running_job(b: DtsBridge, sub: str) -> str:
+    def find() -> str | None:
+        for j in jobs_listed(b):
+            if j.get("subdirectory") == sub and j["status"] == "TRANSFERRING":
+                return j["job_id"]
+        return None
+    return wait_until(find, 30, f"a running job for {sub}", b.log_tail)
+
+
+def test_cancelled_job_answers_its_waiting_request_409(services) -> None:
+    b = services(env={FAULT: "copy:3"})
+    make_tree(b.dts_root / "to-cancel", {"big.bin": os.urandom(3 * 1024 * 1024)})
+    waiting = run_in_background(b.complete, "alice", "to-cancel", timeout=60)
+    jid = running_job(b, "to-cancel")
+    r = b.call("POST", "/cancelTransfer", token=DTS_TOKEN, json_body={"job_id": jid})
+    assert r.status == 200, r
+    waiting["thread"].join(30)
+    err = error_of(waiting["r"], 409)
+    assert err["reason"] == "cancelled" and err["job_id"] == jid, err
+    assert b.wait_status(jid, "CANCELLED")["reason"] == "cancelled"
+    # a later request for the same folder is a new job
+    again = b.complete("alice", "to-cancel")
+    assert again.status == 201, again
+    assert again.json()["job_id"] != jid and again.json()["path"] == "/alice/to-cancel"
+    assert leftovers(b.user_root) == []
+
+
+def test_waiting_request_answers_when_the_job_record_vanishes(services, redis_proc: RedisProcess) -> None:
+    b = services(env={FAULT: "copy:4"})
+    make_tree(b.dts_root / "vanishing", small("v"))
+    waiting = run_in_background(b.complete, "alice", "vanishing", timeout=20)
+    jid = running_job(b, "vanishing")
+    assert redis_proc.cli("DEL", f"{P}:job:{jid}") == "1"
+    waiting["thread"].join(15)
+    assert "r" in waiting, f"the waiting request did not answer: {waiting.get('e')}"
+    err = error_of(waiting["r"], 500)
+    assert "vanished" in err["message"] and err["job_id"] == jid, err
+
+
+def test_staging_job_is_never_left_without_its_deadline(services, redis_proc: RedisProcess) -> None:
+    b = services()
+    # make registering the deadline fail: the job must not be made either
+    redis_proc.cli("SET", f"{P}:staging", "not a sorted set")
+    r = b.call("POST", "/submitTransfer", token=DTS_TOKEN, json_body={"target_user": "alice", "subdirectory": "st"})
+    assert r.status >= 500, r
+    assert [j for j in jobs_listed(b) if j["status"] == "STAGING"] == []
+    redis_proc.cli("DEL", f"{P}:staging")
+    r = b.call("POST", "/submitTransfer", token=DTS_TOKEN,
+               json_body={"target_user": "alice", "subdirectory": "st", "staging_timeout": 1})
+    assert r.status == 202, r
+    assert b.wait_status(r.json()["job_id"], "ERROR", timeout=20)["reason"] == "staging_timeout"
+
+
+@pytest.fixture
+def fake_kbase(tmp_path: Path):
+    from tests.fakeauth2 import FakeAuth2Process
+
+    (tmp_path / "auth2").mkdir()
+    fake = FakeAuth2Process(workdir=str(tmp_path / "auth2"), state={
+        "users": {u: {"customroles": []} for u in ("alice", "daemon", "svcacct")},
+        "tokens": {"svc-token": "svcacct"},
+    })
+    fake.start()
+    try:
+        yield fake
+    finally:
+        fake.close()
+
+
+@pytest.mark.parametrize("check", ["directory", "passwd", "kbase"])
+def test_user_folder_link_or_file_403_and_missing_account_400(services, tmp_path: Path, check: str,
+                                                              request) -> None:
+    settings: dict[str, dict[str, str]] = {"users": {"check": check}, "ownership": {"mode": "passwd"}}
+    if check == "kbase":
+        fake = request.getfixturevalue("fake_kbase")
+        settings["auth"] = {"kbase_url": fake.url, "service_token": "svc-token"}
+    b = services(settings)
+    make_tree(b.dts_root / "pay", small("p"))
+    # alice has a datastore folder (and a KBase account) but no system account: 400, not 500
+    err = error_of(b.complete("alice", "pay"), 400)
+    assert err["reason"] == "user_not_found", err
+    # daemon (a system account) whose datastore folder is a link, then a file: 403 whatever the check
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    folder = b.user_root / "daemon"
+    folder.symlink_to(elsewhere)
+    err = error_of(b.complete("daemon", "pay"), 403)
+    assert err["reason"] == "unsafe_destination", err
+    folder.unlink()
+    folder.write_text("not a folder")
+    err = error_of(b.complete("daemon", "pay"), 403)
+    assert err["reason"] == "unsafe_destination", err
+    assert list(elsewhere.iterdir()) == [] and folder.read_text() == "not a folder"
+    # a real folder: copied and given to the account
+    folder.unlink()
+    folder.mkdir()
+    r = b.complete("daemon", "pay")
+    assert r.status == 201, r
+    assert (folder / "pay" / "a.txt").stat().st_uid == 1
+    assert [j["status"] for j in jobs_listed(b)] == ["SUCCESS"]
+
+
+# -- 7-9. periodic work and stopping ----------------------------------------------------
+
+
+def test_housekeeping_survives_redis_refusing_writes(services, redis_proc: RedisProcess) -> None:
+    b = services({"copy": {"lease_seconds": "10"}}, env={FAULT: "copy:6"})
+    tree = tree_of(make_tree(b.dts_root / "during-oom", small("oom") | {"big.bin": os.urandom(1024 * 1024)}))
+    r = b.complete("alice", "during-oom", asynchronous=True)
+    assert r.status == 202, r
+    copying = r.json()["job_id"]
+    wait_until(lambda: "fault point copy reached" in b.log_text(), 30, "the copy to start", b.log_tail)
+    r = b.call("POST", "/submitTransfer", token=DTS_TOKEN,
+               json_body={"target_user": "alice", "subdirectory": "later", "staging_timeout": 2})
+    staging = r.json()["job_id"]
+    # Redis refuses every write (noeviction at its memory limit) for a few seconds
+    assert redis_proc.cli("CONFIG", "GET", "maxmemory-policy").split()[-1] == "noeviction"
+    redis_proc.cli("CONFIG", "SET", "maxmemory", "1")
+    try:
+        time.sleep(3.5)  # several ticks: lease renewals refused
+        r = b.call("POST", "/submitTransfer", token=DTS_TOKEN, json_body={"target_user": "bob", "subdirectory": "x"})
+        assert r.status == 503, r  # a write refused for now: a 503 (retry later), not a 500
+        assert b.call("GET", "/healthz").status == 200
+    finally:
+        redis_proc.cli("CONFIG", "SET", "maxmemory", "0")
+    # the loop kept running: the staging timeout is applied, the copy's lease was renewed throughout
+    s = b.wait_status(staging, "ERROR", timeout=10)
+    assert s["reason"] == "staging_timeout", s
+    s = b.wait_status(copying, {"SUCCESS", "ERROR"}, timeout=60)
+    assert s["status"] == "SUCCESS" and s["attempts"] == 1, s
+    assert tree_of(b.user_root / "alice" / "during-oom") == tree
+
+
+def test_stopping_process_neither_requeues_nor_cancels_a_published_job(services, redis_proc: RedisProcess) -> None:
+    b = services({"drain": {"grace_seconds": "0.5"}}, env={FAULT: "published:4"})
+    tree = tree_of(make_tree(b.dts_root / "pub", small("pub")))
+    jid = b.complete("alice", "pub", asynchronous=True).json()["job_id"]
+    wait_until(lambda: "fault point published reached" in b.log_text(), 30, "the publish", b.log_tail)
+    assert (b.user_root / "alice" / "pub").is_dir()  # renamed into place; the result not yet recorded
+    b.signal(15)
+    time.sleep(1.5)  # past the drain grace: the stopping process deals with its running copies
+    r = b.call("POST", "/cancelTransfer", token=DTS_TOKEN, json_body={"job_id": jid})
+    assert r.status == 409, r
+    assert redis_proc.cli("HGET", f"{P}:job:{jid}", "status") in ("TRANSFERRING", "SUCCESS")
+    assert b.proc.wait(30) is not None
+    assert redis_proc.cli("HGET", f"{P}:job:{jid}", "status") == "SUCCESS"
+    assert redis_proc.cli("HGET", f"{P}:job:{jid}", "attempts") == "1"
+    assert redis_proc.cli("LRANGE", f"{P}:queue", "0", "-1") == ""
+    assert sorted(os.listdir(b.user_root / "alice")) == ["pub"] and tree_of(b.user_root / "alice" / "pub") == tree
+    assert leftovers(b.user_root) == []
+
+
+@pytest.fixture
+def durable_redis(tmp_path: Path):
+    rp = start_private_redis(tmp_path / "durable", appendonly=True)
+    try:
+        yield rp
+    finally:
+        rp.stop()
+
+
+def test_stopping_with_redis_down_exits_and_loses_no_job(tmp_path: Path, durable_redis: RedisProcess) -> None:
+    redis_proc = durable_redis
+    b = DtsBridge(tmp_path, redis_proc.url, settings={"drain": {"grace_seconds": "0.5"},
+                                                      "redis": {"timeout_seconds": "1"}})
+    b.extra_env = {FAULT: "publish:3"}
+    try:
+        _stop_with_redis_down(b, redis_proc)
+    finally:
+        b.kill()
+
+
+def _stop_with_redis_down(b: DtsBridge, redis_proc: RedisProcess) -> None:
+    b.start()
+    tree = tree_of(make_tree(b.dts_root / "down", small("down")))
+    jid = b.complete("alice", "down", asynchronous=True).json()["job_id"]
+    wait_until(lambda: "fault point publish reached" in b.log_text(), 30, "the copy to reach its fence", b.log_tail)
+    redis_proc.stop()
+    wait_until(lambda: f"fencing the publish for {jid} waits for Redis" in b.log_text(), 20,
+               "the fence to wait for Redis", b.log_tail)
+    started = time.monotonic()
+    b.signal(15)
+    try:
+        rc = b.proc.wait(40)
+    except Exception:  # noqa: BLE001
+        rc = None
+    took = time.monotonic() - started
+    assert rc is not None, f"dtsbridge did not exit with Redis down:\n{b.log_tail()}"
+    assert took < 25, took
+    assert not (b.user_root / "alice" / "down").exists() and leftovers(b.user_root) == []
+    # Redis back, the service restarted: the job is taken up again and published once
+    redis_proc.start()
+    b.extra_env = {}
+    b.start()
+    s = b.wait_status(jid, {"SUCCESS", "ERROR"}, timeout=60)
+    assert s["status"] == "SUCCESS", s
+    assert sorted(os.listdir(b.user_root / "alice")) == ["down"] and tree_of(b.user_root / "alice" / "down") == tree
