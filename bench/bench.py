@@ -406,6 +406,275 @@ def load_generator(port: int, job_id: str, conns: int, seconds: float) -> dict[s
 
 
 # ---------------------------------------------------------------------------
+# DTS transfers as DTS writes them (issue 10): ``--dts``
+
+
+def md5_and_etag(path: Path, part: int = 8 * MiB) -> tuple[str, str]:
+    """The file's md5 and the ETag S3 gives it when uploaded in ``part``-byte parts (one read)."""
+    import hashlib
+    whole = hashlib.md5()
+    digests = bytearray()
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            chunk = f.read(part)
+            if not chunk and digests:
+                break
+            whole.update(chunk)
+            digests += hashlib.md5(chunk).digest()
+            if len(chunk) < part:
+                break
+    n = len(digests) // 16
+    etag = whole.hexdigest() if n == 1 else f"{hashlib.md5(bytes(digests)).hexdigest()}-{n}"
+    return whole.hexdigest(), etag
+
+
+def make_dts_transfer(dts: Path, user: str, source: str, kind: str, args: argparse.Namespace,
+                      seed: int) -> dict[str, Any]:
+    """``<dts>/<user>/dts-<uuid>/`` as DTS writes it: payload at each resource's path, manifest.json last.
+
+    ``source`` ``jdp``: ``img/submissions/<n>/…`` paths, md5 hashes, credit metadata;
+    ``s3``: object keys, ETags (``<hex>-<parts>`` for the big files, uploaded in
+    8 MiB parts as the AWS CLI does).  ``kind`` ``big`` or ``many``.  Returns the
+    folder, its relative path, counts and the md5 checklist for ``md5sum -c``.
+    """
+    import uuid
+
+    from tests import dts_fixtures as F
+    transfer = str(uuid.uuid4())
+    rel = f"{user}/dts-{transfer}"
+    folder = dts / rel
+    payload = folder / ("img/submissions/253630" if source == "jdp" else "runs/2026-11")
+    if kind == "big":
+        n, nbytes = make_big(payload, args.big_files, args.big_mib, seed=seed)
+    else:
+        n, nbytes = make_many(payload, args.many, seed=seed)
+    resources = []
+    checklist = []
+    for dirpath, _dirs, files in os.walk(folder):
+        for name in sorted(files):
+            p = Path(dirpath) / name
+            r = str(p.relative_to(folder))
+            md5, etag = md5_and_etag(p)
+            size = p.stat().st_size
+            if source == "jdp":
+                resources.append(F.jdp_resource(r, size, md5, len(resources)))
+            else:
+                resources.append(F.s3_resource(r, size, etag))
+            checklist.append(f"{md5}  {r}\n")
+    body = F.manifest(transfer, user, resources)
+    tmp = folder.parent / f".manifest-{transfer}.tmp"
+    tmp.write_bytes(body)
+    os.rename(tmp, folder / "manifest.json")
+    sums = dts.parent / f"md5sums-{source}-{kind}.txt"
+    sums.write_text("".join(checklist))
+    multipart = sum(1 for r in resources if "-" in str(r.get("hash", "")))
+    return {"folder": folder, "rel": rel, "files": n + 1, "bytes": nbytes + len(body), "sums": sums,
+            "manifest_bytes": len(body), "resources": len(resources), "multipart": multipart}
+
+
+def run_rsync_md5sum(src: Path, dst: Path, sums: Path) -> float:
+    """``rsync -a src/ dst/`` then ``md5sum -c`` of the copy against the manifest's md5s: what an operator runs."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+    subprocess.run([RSYNC, "-a", f"{src}/", f"{dst}/"], check=True)
+    subprocess.run(["md5sum", "-c", "--quiet", str(sums)], check=True, cwd=dst)
+    return time.perf_counter() - t
+
+
+def make_manifest_stress(dts: Path, user: str, resources: int, mib: float) -> dict[str, Any]:
+    """A transfer of ``resources`` tiny files whose manifest is ``mib`` MiB (padded descriptions)."""
+    import hashlib
+    import uuid
+
+    from tests import dts_fixtures as F
+    transfer = str(uuid.uuid4())
+    rel = f"{user}/dts-{transfer}"
+    folder = dts / rel
+    res = []
+    h = hashlib.md5(b"x").hexdigest()
+    for i in range(resources):
+        d = folder / "img" / "submissions" / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True)
+        name = f"Ga{i:07d}.fna"
+        fd = os.open(d / name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, b"x")
+        os.close(fd)
+        res.append({"id": f"JDP:{i:024x}", "name": f"ga{i:07d}", "path": f"img/submissions/{i // 1000:04d}/{name}",
+                    "format": "fasta", "mediatype": "text/plain", "bytes": 1, "hash": h, "description": ""})
+    base = len(F.manifest(transfer, user, res[:1000])) / 1000
+    pad = max(0, int((mib * MiB - 2000) / resources - base))
+    for r in res:
+        r["description"] = "d" * pad
+    body = F.manifest(transfer, user, res)
+    (folder / "manifest.json").write_bytes(body)
+    return {"rel": rel, "files": resources + 1, "manifest_bytes": len(body)}
+
+
+def manifest_latency(svc: DtsBridge, stress: dict[str, Any], poll: float) -> dict[str, Any]:
+    """Status latency (one keep-alive connection) and twistd's peak RSS while the stress transfer runs."""
+    pid = svc.proc.pid  # type: ignore[union-attr]
+    before = proc_status(pid)
+    r = svc.complete(stress["rel"].split("/")[0], stress["rel"], asynchronous=True)
+    if r.status != 202:
+        raise SystemExit(f"async POST /complete_transfer answered {r.status}: {r.body[:300]!r}")
+    job = r.json()["job_id"]
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=60)
+    headers = {"Authorization": DTS_TOKEN}
+    lat: dict[str, list[float]] = {"scan": [], "all": []}
+    t0 = time.perf_counter()
+    st: dict[str, Any] = {}
+    scan_end = None
+    while True:
+        t = time.perf_counter()
+        conn.request("GET", status_path(job), headers=headers)
+        resp = conn.getresponse()
+        body = resp.read()
+        dt = time.perf_counter() - t
+        if resp.status != 200:
+            raise SystemExit(f"/transferStatus answered {resp.status}: {body[:300]!r}")
+        st = json.loads(body)
+        if st["status"] in ("SUCCESS", "ERROR", "CANCELLED"):
+            break
+        lat["all"].append(dt)
+        if st.get("files_total") is None:  # the scan and the manifest check (no plan yet)
+            lat["scan"].append(dt)
+        elif scan_end is None:
+            scan_end = time.perf_counter() - t0
+        if time.perf_counter() - t0 > 1800:
+            raise SystemExit("the manifest stress job did not end within 30 minutes")
+        time.sleep(poll)
+    elapsed = time.perf_counter() - t0
+    conn.close()
+    after = proc_status(pid)
+    if st["status"] != "SUCCESS":
+        raise SystemExit(f"the manifest stress job ended {st}\n{svc.log_tail()}")
+    return {"lat": lat, "elapsed": elapsed, "scan": scan_end, "status": st,
+            "rss_before": before.get("VmRSS", 0), "hwm_before": before.get("VmHWM", 0),
+            "hwm_after": after.get("VmHWM", 0)}
+
+
+def run_dts(args: argparse.Namespace, work: Path) -> int:
+    say(f"dtsbridge benchmark, DTS transfers (--dts), in {work}")
+    say(f"machine: {os.cpu_count()} CPUs, {meminfo()['MemTotal'] / (1 << 30):.1f} GiB RAM, "
+        f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    if args.ballast != 0:
+        path, size, dt = ballast(work, args.ballast)
+        if path is not None:
+            say(f"memory warm-up: {size / (1 << 30):.1f} GiB in {dt:.1f} s")
+    sets = [(s, k) for s in ("jdp", "s3") for k in ("big", "many")]
+    per = 2 * (args.big_files * args.big_mib * MiB + args.many * 36 * 1024)
+    need = int(per * (1 + 2 * args.rounds) * 1.1) + args.manifest_resources * 8192 + (1 << 30)
+    st = os.statvfs(work)
+    have = st.f_bavail * st.f_frsize
+    if have < need:
+        raise SystemExit(f"{work} has {have / 1e9:.1f} GB free; this run writes about {need / 1e9:.1f} GB")
+    say(f"disk: {have / 1e9:.0f} GB free, this run writes about {need / 1e9:.1f} GB")
+    dts = work / "dts"
+    data: dict[tuple[str, str], dict[str, Any]] = {}
+    t = time.perf_counter()
+    for i, (source, kind) in enumerate(sets):
+        data[(source, kind)] = make_dts_transfer(dts, "dtsuser", source, kind, args, seed=10 + i)
+    sync()
+    read_all(dts)
+    read_all(dts)
+    for (source, kind), d in data.items():
+        say(f"  {source:4s} {kind:4s}: {d['files']} files, {d['bytes'] / 1e6:.0f} MB, manifest "
+            f"{d['manifest_bytes'] / 1e6:.1f} MB ({d['resources']} resources, {d['multipart']} multipart ETags)")
+    say(f"datasets made and read twice in {time.perf_counter() - t:.0f} s")
+    stress = None
+    if args.manifest_resources:
+        t = time.perf_counter()
+        stress = make_manifest_stress(dts, "stress", args.manifest_resources, args.manifest_mib)
+        sync()
+        say(f"manifest stress transfer: {stress['files']} files, manifest {stress['manifest_bytes'] / MiB:.1f} MiB "
+            f"({args.manifest_resources} resources), made in {time.perf_counter() - t:.0f} s")
+
+    copy = {"max_jobs": "4", "lease_seconds": "30", "threads": str(args.threads or 4),
+            "processes": args.processes or "auto", "checksum": args.checksum or "xxh3", "fsync": args.fsync or "true"}
+    svc = DtsBridge(work, "embedded", settings={"copy": copy}, name="bench")
+    svc.start(timeout=60)
+    pid = svc.proc.pid  # type: ignore[union-attr]
+    rows: list[tuple[str, str, str, str]] = []
+    try:
+        warm = dts / "warm" / "dts-warmup"
+        make_many(warm, 300, seed=3)
+        (svc.user_root / "warm").mkdir(exist_ok=True)
+        r = svc.complete("warm", "warm/dts-warmup", timeout=300)
+        if r.status != 201:
+            raise SystemExit(f"warm-up job answered {r.status}: {r.body[:300]!r}\n{svc.log_tail()}")
+        say(f"service: twistd pid {pid}, [copy] {', '.join(f'{k} = {v}' for k, v in copy.items())}; "
+            f"RSS after warm-up {proc_status(pid).get('VmRSS', 0) / 1e6:.0f} MB")
+
+        # The manifest stress first, so that VmHWM is this job's peak, not a big copy's.
+        if stress is not None:
+            sync()
+            (svc.user_root / "stress").mkdir(exist_ok=True)
+            m = manifest_latency(svc, stress, args.poll_ms / 1000)
+            s_all, s_scan = m["lat"]["all"], m["lat"]["scan"]
+            extra = m["hwm_after"] - m["rss_before"]
+            say(f"manifest stress: job took {m['elapsed']:.1f} s (scan + manifest check {m['scan'] or 0:.1f} s); "
+                f"{len(s_all)} status requests, {len(s_scan)} during the scan and check; "
+                f"twistd RSS {m['rss_before'] / 1e6:.0f} MB before, peak {m['hwm_after'] / 1e6:.0f} MB")
+            rows.append((f"status p50 / p99 / max (ms) during the scan + check of the "
+                         f"{stress['manifest_bytes'] / MiB:.1f} MiB manifest",
+                         f"{pct(s_scan, 50) * 1000:.1f} / {pct(s_scan, 99) * 1000:.1f} / "
+                         f"{max(s_scan, default=float('nan')) * 1000:.1f}", "p99 < 100",
+                         "MET" if s_scan and pct(s_scan, 99) < 0.1 else "NOT MET"))
+            rows.append(("status p50 / p99 / max (ms) over the whole stress job",
+                         f"{pct(s_all, 50) * 1000:.1f} / {pct(s_all, 99) * 1000:.1f} / "
+                         f"{max(s_all, default=float('nan')) * 1000:.1f}", "p99 < 100",
+                         "MET" if s_all and pct(s_all, 99) < 0.1 else "NOT MET"))
+            rows.append(("twistd peak RSS over its RSS before the job (MB; x manifest size)",
+                         f"{extra / 1e6:.0f} ({extra / stress['manifest_bytes']:.1f}x)", "< 4x",
+                         "MET" if extra < 4 * stress["manifest_bytes"] else "NOT MET"))
+
+        times: dict[tuple[str, str, str], list[float]] = {}
+        for rnd in range(args.rounds):
+            for source, kind in sets:
+                d = data[(source, kind)]
+                order = ["dtsbridge", "rsync"] if rnd % 2 == 0 else ["rsync", "dtsbridge"]
+                for who in order:
+                    sync()  # untimed: nobody pays for another's dirty pages
+                    if who == "dtsbridge":
+                        user = f"r{rnd}"
+                        (svc.user_root / user).mkdir(exist_ok=True)
+                        t = time.perf_counter()
+                        r = svc.complete(user, d["rel"], timeout=1800)
+                        dt = time.perf_counter() - t
+                        if r.status != 201:
+                            raise SystemExit(f"{d['rel']}: {r.status} {r.body[:300]!r}\n{svc.log_tail()}")
+                        st = svc.status(r.json()["job_id"]).json()
+                        note = (f"hashed {st.get('manifest_hashed')}, unverified {st.get('manifest_unverified')}")
+                        if st.get("manifest_hashed") != d["resources"]:
+                            raise SystemExit(f"not every resource was checked by hash: {st}")
+                    else:
+                        dt = run_rsync_md5sum(d["folder"], work / "rsync" / f"r{rnd}" / f"{source}-{kind}", d["sums"])
+                        note = "md5sum -c: all OK"
+                    times.setdefault((source, kind, who), []).append(dt)
+                    say(f"round {rnd + 1}/{args.rounds} {source:4s} {kind:4s} {who:9s} {dt:7.2f} s "
+                        f"{d['bytes'] / dt / 1e6:7.0f} MB/s {d['files'] / dt:8.0f} files/s  ({note})")
+        for source, kind in (sets if args.rounds else []):
+            a = statistics.median(times[(source, kind, "dtsbridge")])
+            b = statistics.median(times[(source, kind, "rsync")])
+            rows.append((f"{source} {kind}: dtsbridge {a:.2f} s / (rsync -a + md5sum -c) {b:.2f} s", f"{a / b:.2f}",
+                         f"<= {TARGET_RATIO}", "MET" if a / b <= TARGET_RATIO else "NOT MET"))
+    finally:
+        svc.stop()
+    say("")
+    say("=" * 100)
+    say(f"SUMMARY --dts (big = {args.big_files} x {args.big_mib} MiB, many = {args.many} files of 4-64 KiB; "
+        f"medians of {args.rounds}; warm page cache; [copy] {', '.join(f'{k} = {v}' for k, v in copy.items())})")
+    say("-" * 100)
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    for row in rows:
+        say(f"{row[0]:<{w0}}  {row[1]:>{w1}}  {row[2]:<10}  {row[3]}")
+    say("=" * 100)
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # Report
 
 
@@ -444,6 +713,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--resume-mib", type=int, default=25, help="size of each resume file in MiB (default 25)")
     p.add_argument("--resume-kill-at", type=float, default=0.75,
                    help="fraction of the bytes copied when the process is killed (default 0.75)")
+    p.add_argument("--dts", action="store_true",
+                   help="only the DTS scenario: DTS transfers (JDP md5 and S3 multipart-ETag manifests, big and many) against "
+                        "rsync -a + md5sum -c, and the status latency and RSS while a big manifest is checked")
+    p.add_argument("--manifest-resources", type=int, default=200_000,
+                   help="with --dts: resources of the manifest stress transfer (default 200000; 0: skip it)")
+    p.add_argument("--manifest-mib", type=float, default=63.5,
+                   help="with --dts: size of its manifest in MiB (default 63.5; the limit is 64)")
     args = p.parse_args(argv)
     args.load_seconds = min(args.load_seconds, 10.0)
     if not args.skip_rsync and not os.access(RSYNC, os.X_OK):
@@ -458,6 +734,8 @@ def main(argv: list[str] | None = None) -> int:
             return _run_reflink(args, work)
         if args.resume:
             return _run_resume(args, work)
+        if args.dts:
+            return run_dts(args, work)
         return _run(args, work)
     finally:
         if not args.keep:
