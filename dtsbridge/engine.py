@@ -1187,21 +1187,13 @@ def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
     return algo, hexd
 
 
-_JSON = json.JSONDecoder()
-_WS = re.compile(r"[ \t\n\r]*")
-
-
-def _load_manifest(dirfd: int, ino: int | None = None) -> str:
-    """The text of ``manifest.json`` in ``dirfd`` (a regular file, one link; the scan's inode when given).
-
-    Reads at most :data:`MANIFEST_MAX_BYTES` (+1, to tell a bigger one), whatever its
-    size says, and refuses a parse bomb before anything is parsed.
-    """
+def _open_manifest(dirfd: int, ino: int | None = None) -> int:
+    """Open ``manifest.json`` in ``dirfd``: a regular file with one link (the scan's inode when given)."""
     try:
         fd = open_beneath(dirfd, MANIFEST_NAME, _SRC_FLAGS)
     except OSError as exc:
         raise TransferError(SOURCE_CHANGED, f"manifest.json cannot be opened: {exc.strerror}") from None
-    with _fd(fd):
+    try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (ino is not None and st.st_ino != ino) or st.st_nlink > 1:
             raise TransferError(SOURCE_CHANGED if ino is not None else UNSAFE_ENTRY,
@@ -1209,100 +1201,183 @@ def _load_manifest(dirfd: int, ino: int | None = None) -> str:
                                 else "manifest.json is not a regular file with one link")
         if st.st_size > MANIFEST_MAX_BYTES:
             raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
-        # Read, count and decode a chunk at a time: never one long call that holds the GIL
-        # (a 64 MiB decode or count takes ~40 ms each), and no copy of the whole as bytes.
-        decoder = codecs.getincrementaldecoder("utf-8")()
-        parts: list[str] = []
-        size = containers = 0
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _manifest_text(fd: int) -> Iterator[str]:
+    """The manifest's text, decoded :data:`MANIFEST_CHUNK` bytes at a time.
+
+    Stops with ``manifest_mismatch`` past :data:`MANIFEST_MAX_BYTES` read (whatever
+    the size said), at bytes that are not UTF-8, and as soon as what was read is a
+    parse bomb: ``[[],[],…`` costs ~30x its size as Python objects, while a real
+    manifest has an object or two per resource of a few hundred bytes, so more than
+    one ``[`` or ``{`` per 16 bytes (beyond 10,000) is refused before it is parsed.
+    """
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    size = containers = 0
+    while True:
+        b = os.read(fd, min(MANIFEST_CHUNK, MANIFEST_MAX_BYTES + 1 - size))
+        if not b:
+            break
+        size += len(b)
+        if size > MANIFEST_MAX_BYTES:
+            raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
+        containers += b.count(b"[") + b.count(b"{")
+        if containers > size // 16 + 10_000:
+            raise _bad_manifest(f"holds {containers} JSON objects and lists in its first {size} bytes; "
+                                "not a manifest")
         try:
-            while size <= MANIFEST_MAX_BYTES:
-                b = os.read(fd, min(MANIFEST_CHUNK, MANIFEST_MAX_BYTES + 1 - size))
-                if not b:
-                    break
-                size += len(b)
-                containers += b.count(b"[") + b.count(b"{")
-                parts.append(decoder.decode(b))
-            parts.append(decoder.decode(b"", True))
+            yield decoder.decode(b)
         except UnicodeDecodeError as exc:
             raise _bad_manifest(f"not valid JSON (not UTF-8 near byte {size - len(b) + exc.start})") from None
-    if size > MANIFEST_MAX_BYTES:
-        raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
-    # A parse bomb ("[[],[],…": one container every 3 bytes) costs ~30x its size in
-    # memory. A real manifest has an object or two per resource of a few hundred
-    # bytes: refuse anything denser than 1 per 16 bytes.
-    if containers > size // 16 + 10_000:
-        raise _bad_manifest(f"holds {containers} JSON objects and lists in {size} bytes; not a manifest")
-    text = "".join(parts)
-    del parts
-    return text
+    try:
+        yield decoder.decode(b"", True)
+    except UnicodeDecodeError:
+        raise _bad_manifest("not valid JSON (it ends inside a UTF-8 character)") from None
 
 
-def _walk_manifest(text: str, on_resource: Callable[[int, Any], None]) -> dict[str, Any]:
-    """Parse a manifest's top-level object, handing each element of ``resources`` to ``on_resource`` as it is read.
+class _Window:
+    """A window on text arriving in chunks, for a JSON parse that holds only what it still needs.
 
-    Streaming: the resources are decoded one at a time (``raw_decode``) and dropped
-    once handled, so the cost in memory is the text and one resource, not the
-    whole document as Python objects (a 64 MiB manifest would take ~10x that); and
-    the parse is many short steps, never one long call that holds the GIL.
-    Returns the other top-level members and ``resources`` as the count of
-    resources.  Bad JSON, nesting too deep, no object, no ``resources`` list:
-    ``manifest_mismatch``.
+    ``s`` is the text from some point on; :meth:`more` appends chunks (at least
+    doubling what lies after ``i``, so re-parsing a value that did not fit costs
+    O(n) in all); :meth:`drop` forgets what was parsed.
     """
-    ws = _WS.match
+
+    __slots__ = ("s", "chunks", "done")
+
+    def __init__(self, chunks: Iterator[str]) -> None:
+        self.s = ""
+        self.chunks = chunks
+        self.done = False
+
+    def more(self, i: int) -> bool:
+        if self.done:
+            return False
+        want = max(len(self.s) - i, MANIFEST_CHUNK)
+        got = []
+        n = 0
+        for c in self.chunks:
+            got.append(c)
+            n += len(c)
+            if n >= want:
+                break
+        else:
+            self.done = True
+        if got:
+            self.s = self.s[i:] + "".join(got) if i else self.s + "".join(got)
+        return bool(got) or not self.done
+
+    def drop(self, i: int) -> int:
+        """Forget the text before ``i``; returns ``i``'s new index (0)."""
+        if i:
+            self.s = self.s[i:]
+        return 0
+
+    def ws(self, i: int) -> int:
+        """Index of the next non-blank character (``len(s)`` at the end of the text)."""
+        while True:
+            i = _WS.match(self.s, i).end()
+            if i < len(self.s) or self.done:
+                return i
+            i = self.drop(i)
+            self.more(0)
+
+    def value(self, i: int, scan: Callable[[str, int], tuple[Any, int]]) -> tuple[Any, int]:
+        """``scan(s, i)`` (a JSON value, or a string after its quote), fetching text until it fits."""
+        while True:
+            try:
+                v, end = scan(self.s, i)
+                # A value reaching the end of the window may go on (a number cut in two).
+                if end < len(self.s) or self.done:
+                    return v, end
+            except ValueError:
+                if self.done:
+                    raise
+            i = self.drop(i)
+            self.more(0)
+
+
+_JSON = json.JSONDecoder()
+_WS = re.compile(r"[ \t\n\r]*")
+
+
+def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None]) -> dict[str, Any] | None:
+    """Parse a manifest's top-level object as its text arrives, handing each element of ``resources``
+    to ``on_resource`` as soon as it is read; None for an empty (0-byte) manifest.
+
+    Streaming: the text is read a chunk at a time and forgotten once parsed, and
+    resources are decoded one at a time (``raw_decode``) and dropped once handled,
+    so the cost in memory is a chunk and one resource, not the document (whose
+    Python objects would take ~5-10x its size); and the parse is many short steps,
+    never one long call that holds the GIL.  Returns the other top-level members,
+    and ``resources`` as the number of resources.  Bad JSON, nesting too deep, no
+    object, no ``resources`` list: ``manifest_mismatch``.
+    """
+    w = _Window(chunks)
     decode = _JSON.raw_decode
     out: dict[str, Any] = {}
+    count = None
     try:
-        i = ws(text, 0).end()
-        if text[i:i + 1] != "{":
-            decode(text, i)  # tells bad JSON (or nesting too deep) from JSON that is no object
+        w.more(0)
+        if w.done and not w.s:
+            return None
+        i = w.ws(0)
+        if w.s[i:i + 1] != "{":
+            w.value(i, decode)  # tells bad JSON (or nesting too deep) from JSON that is no object
             raise _bad_manifest("not a JSON object")
-        i = ws(text, i + 1).end()
-        count = None
-        if text[i:i + 1] == "}":
+        i = w.ws(i + 1)
+        if w.s[i:i + 1] == "}":
             i += 1
         else:
             while True:
-                if text[i:i + 1] != '"':
-                    raise ValueError(f"expected a member name at char {i}")
-                key, i = json.decoder.scanstring(text, i + 1)
-                i = ws(text, i).end()
-                if text[i:i + 1] != ":":
-                    raise ValueError(f"expected ':' at char {i}")
-                i = ws(text, i + 1).end()
-                if key == "resources" and text[i:i + 1] == "[":
+                i = w.drop(i)
+                if w.s[i:i + 1] != '"':
+                    raise ValueError("expected a member name")
+                key, i = w.value(i + 1, json.decoder.scanstring)
+                i = w.ws(i)
+                if w.s[i:i + 1] != ":":
+                    raise ValueError(f"expected ':' after {key!r}")
+                i = w.ws(i + 1)
+                if key == "resources" and w.s[i:i + 1] == "[":
                     if count is not None:
                         raise _bad_manifest("'resources' is given twice")
                     count = 0
-                    i = ws(text, i + 1).end()
-                    if text[i:i + 1] == "]":
+                    i = w.ws(i + 1)
+                    if w.s[i:i + 1] == "]":
                         i += 1
                     else:
                         while True:
-                            res, i = decode(text, i)
+                            if i > MANIFEST_CHUNK:
+                                i = w.drop(i)
+                            res, i = w.value(i, decode)
                             on_resource(count, res)
                             count += 1
-                            i = ws(text, i).end()
-                            c = text[i:i + 1]
-                            i = ws(text, i + 1).end()
+                            i = w.ws(i)
+                            c = w.s[i:i + 1]
+                            i = w.ws(i + 1)
                             if c == "]":
                                 break
                             if c != ",":
-                                raise ValueError(f"expected ',' or ']' at char {i}")
+                                raise ValueError(f"expected ',' or ']' after resource #{count - 1}")
                     out[key] = count
                 else:
-                    value, i = decode(text, i)
+                    value, i = w.value(i, decode)
                     if key == "resources":
                         raise _bad_manifest("'resources' is missing or not a list")
                     out[key] = value
-                i = ws(text, i).end()
-                c = text[i:i + 1]
-                i = ws(text, i + 1).end()
+                i = w.ws(i)
+                c = w.s[i:i + 1]
+                i = w.ws(i + 1)
                 if c == "}":
                     break
                 if c != ",":
-                    raise ValueError(f"expected ',' or '}}' at char {i}")
-        if ws(text, i).end() != len(text):
-            raise ValueError(f"extra data at char {i}")
+                    raise ValueError(f"expected ',' or '}}' after {key!r}")
+        if w.ws(i) != len(w.s):
+            raise ValueError("extra data after the object")
     except RecursionError:  # "[[[[…" nested past the interpreter's limit: not a manifest
         raise _bad_manifest("nested too deeply") from None
     except ValueError as exc:  # JSONDecodeError, a number too long to convert, …
@@ -1318,9 +1393,6 @@ def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
         return None
     if entry.size > MANIFEST_MAX_BYTES:
         raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
-    text = _load_manifest(srcfd, entry.ino)
-    if not text:
-        return Manifest(resources=0, size_only=0, hashes={})
     hashes: dict[str, Any] = {}
     size_only = 0
 
@@ -1350,14 +1422,16 @@ def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
         if h is None:
             size_only += 1
             return
-        old = hashes.get(path)
+        old = hashes.get(f.rel)
         if old is None:
-            hashes[path] = (h,)
+            hashes[f.rel] = (h,)  # keyed by the scan's own string: no second copy of each path
         elif h not in old:
-            hashes[path] = old + (h,)
+            hashes[f.rel] = old + (h,)
 
-    doc = _walk_manifest(text, on_resource)
-    del text
+    with _fd(_open_manifest(srcfd, entry.ino)) as fd:
+        doc = _walk_manifest(_manifest_text(fd), on_resource)
+    if doc is None:  # 0 bytes: a transfer with no resources
+        return Manifest(resources=0, size_only=0, hashes={})
     return Manifest(resources=doc["resources"], size_only=size_only, hashes=hashes)
 
 
@@ -1376,12 +1450,12 @@ def read_manifest_username(dts_root: str, rel: str) -> str | None:
     try:
         with _fd(_open_root(dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
             with _fd(_open_source_dir(rootfd, rel)) as dirfd:
-                text = _load_manifest(dirfd)
+                with _fd(_open_manifest(dirfd)) as fd:
+                    doc = _walk_manifest(_manifest_text(fd), lambda i, res: None)
     except OSError as exc:
         raise _as_transfer_error(exc, "reading manifest.json failed") from None
-    if not text:
+    if doc is None:
         return None
-    doc = _walk_manifest(text, lambda i, res: None)
     user = doc.get("username")
     return user if isinstance(user, str) and user else None
 

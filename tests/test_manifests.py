@@ -169,6 +169,32 @@ def test_streaming_parse_reads_what_json_reads(env: Env, body: bytes) -> None:
     assert r.manifest_resources == len(json.loads(body)["resources"])
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
+def test_streaming_parse_across_chunk_boundaries(env: Env, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
+    """Text read a few bytes at a time: numbers, strings, keys and UTF-8 characters cut anywhere."""
+    monkeypatch.setattr(engine, "MANIFEST_CHUNK", chunk)
+    files = {f"d{i % 3}/f{i}.txt": os.urandom(i * 37) for i in range(1, 30)}
+    resources = [{"id": f"r{i}", "path": k, "bytes": len(v), "hash": hashlib.md5(v).hexdigest(), "n": 1234567 + i,
+                  "f": 1.5e10, "t": True, "z": None, "description": "résumé ✓ 🧬 " * (i % 4)}
+                 for i, (k, v) in enumerate(files.items())]
+    body = json.dumps({"name": "manifest", "resources": resources, "instructions": {"big": "y" * 50_000},
+                       "n": 12345678901234567890, "username": "alice"}, ensure_ascii=False, indent=1).encode()
+    t = write_manifest(env, body, files)
+    r = env.copy(t)
+    assert (r.manifest_resources, r.hashed) == (29, 29)
+    assert engine.read_manifest_username(str(env.dts), t.rel) == "alice"
+
+
+def test_streaming_parse_never_takes_half_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(engine, "MANIFEST_CHUNK", 1)
+    for chunks in (['{"resources": [], "n": 12', '34}'], ['{"resources": [], "n": 12', '34', '', '}'],
+                   ['{"n": tr', 'ue, "resources": [{"bytes": 1', '0}]}']):
+        seen: list[Any] = []
+        doc = engine._walk_manifest(iter(chunks), lambda i, r: seen.append(r))  # noqa: SLF001
+        assert doc == json.loads("".join(chunks)) | {"resources": len(json.loads("".join(chunks))["resources"])}
+        assert seen == json.loads("".join(chunks))["resources"]
+
+
 @pytest.mark.parametrize("body,needle", [
     (b'{"resources": []} {}', "JSON"),
     (b'{"resources": [], "resources": []}', "twice"),
