@@ -41,7 +41,7 @@ _TIMEOUT = {"type": "number", "exclusiveMinimum": True, "minimum": 0,
                            "seconds after the request"}
 
 
-def spec(version: str) -> dict[str, Any]:
+def spec(version: str, staging_max_timeout: float = 604800) -> dict[str, Any]:
     timestamps = {f"time_{s.lower()}": {"type": "string", "format": "date-time"} for s in STATUSES}
     timestamps["time_staged"] = {"type": "string", "format": "date-time"}
     job_props = {
@@ -118,7 +118,8 @@ def spec(version: str) -> dict[str, Any]:
                     "properties": {
                         "target_user": {"type": "string", "pattern": "^[a-z][a-z0-9_]{0,99}$"},
                         "subdirectory": {"type": "string", "minLength": 1},
-                        "staging_timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0},
+                        "staging_timeout": {"type": "number", "exclusiveMinimum": True, "minimum": 0,
+                                            "maximum": staging_max_timeout},
                         "timeout_seconds": _TIMEOUT,
                     },
                 },

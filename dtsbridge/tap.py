@@ -382,7 +382,7 @@ def makeService(options: Options) -> service.IService:
     metrics.add_gauge("dtsbridge_event_streams", "Open GET /events streams in this process",
                       lambda: len(hub.subscribers))
     api = Api(bridge, authenticator, health=make_health(cfg, store, bridge, run_in_thread, reactor),
-              openapi=spec(__version__), events=hub)
+              openapi=spec(__version__, cfg.staging_max_timeout), events=hub)
     site = QuietSite(api.resource(), read_timeout=cfg.read_timeout)
     site.displayTracebacks = False
     strports.service(cfg.listen, site).setServiceParent(top)
