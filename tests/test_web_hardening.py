@@ -510,3 +510,38 @@ def test_deeply_nested_json_body_is_400(svc: DtsBridge) -> None:
         assert r.status == 400, r
         assert r.json()["error"]["httpcode"] == 400
     assert "Traceback" not in svc.log_text()
+
+
+def test_blind_sender_still_reads_its_413(svc: DtsBridge) -> None:
+    """A client that sends its whole big body before reading (``http.client``, ``requests``) gets the 413,
+    not a reset connection: after refusing, the service drops what still comes for a few seconds."""
+    import http.client
+
+    size = 200 * MIB
+    conn = http.client.HTTPConnection("127.0.0.1", svc.port, timeout=30)
+    try:
+        t0 = time.monotonic()
+        conn.request("POST", "/complete_transfer", body=(b"a&" * (512 * KIB) for _ in range(size // MIB)),
+                     headers={"Content-Length": str(size), "Content-Type": "application/x-www-form-urlencoded"})
+        r = conn.getresponse()
+        body = r.read()
+        assert r.status == 413, body
+        assert json.loads(body)["error"]["httpcode"] == 413
+        assert time.monotonic() - t0 < 5
+    finally:
+        conn.close()
+    assert tmp_files_open(svc) == []
+
+
+def test_idle_kept_alive_connection_closed_quietly(svc: DtsBridge) -> None:
+    s = connect(svc)
+    try:
+        s.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        status, _, _ = read_response(s, timeout=5)
+        assert status == 200
+        t0 = time.monotonic()
+        s.settimeout(10)
+        assert s.recv(65536) == b""  # closed, with no answer to a request never begun
+        assert 2 < time.monotonic() - t0 < 5  # [server] read_timeout_seconds = 3 here
+    finally:
+        s.close()
