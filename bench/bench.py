@@ -1130,6 +1130,7 @@ def _run_resume(args: argparse.Namespace, work: Path) -> int:
                 pid = svc.proc.pid
                 redis_pids = [c for c in children(pid) if "redis" in comm(c)]
                 if who == "full":
+                    read_all(dts / "multi")  # untimed: the source warm for both, as in the main benchmark
                     sync()
                     w0 = _service_writes(pid, redis_pids)
                     dt = run_dtsbridge(svc, f"f{r}", "multi", files, nbytes)
@@ -1153,6 +1154,7 @@ def _run_resume(args: argparse.Namespace, work: Path) -> int:
                     time.sleep(0.002)
                 svc.kill()
                 killed_at.append(got / nbytes)
+                read_all(dts / "multi")
                 sync()
                 # The restart: timed from the process being up (healthy) to SUCCESS; write_bytes over its life.
                 t0 = time.perf_counter()

@@ -838,7 +838,8 @@ class Bridge:
             if not isinstance(e, StoreUnavailable):
                 self.log.failure("recovering the jobs of dead local processes failed; trying again in 5 s")
             if not self.draining:
-                self.reactor.callLater(1 if isinstance(e, StoreUnavailable) else 5,
+                # Redis away (e.g. the embedded one still starting): soon again, so a restart resumes its jobs
+                self.reactor.callLater(0.2 if isinstance(e, StoreUnavailable) else 5,
                                        lambda: ensureDeferred(self.recover_dead_local()))
 
     async def _recover_dead_local(self) -> None:
