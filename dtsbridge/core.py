@@ -205,19 +205,21 @@ class Bridge:
                 # never returns, recovery finds the ended job and removes its temporary folder.
                 run.lost = True
                 continue
-            run.stop.set()  # no fence from now on: a copy not yet fenced will not publish
+            # Lost first (a copy stopped by us records no CANCELLED), then no fence from now
+            # on: a copy not yet fenced will not publish.
+            run.lost = True
+            run.stop.set()
             try:
                 r = await self.store.release(run.job_id, run.token, "handed back to the queue by a stopping process")
             except Exception as e:  # noqa: BLE001
                 self.log.warn("could not hand {job_id} back ({e}); its lease will lapse and another process "
                               "will take it up", job_id=run.job_id, e=e)
-                run.lost = True
                 continue
             if r == "publishing":
                 self.log.info("job {job_id} is publishing; letting it finish", job_id=run.job_id)
+                run.lost = False  # it still holds its claim: it records its own result
                 continue
-            self.log.info("handed {job_id} back to the queue at shutdown", job_id=run.job_id)
-            run.lost = True
+            self.log.info("handing {job_id} back to the queue at shutdown", job_id=run.job_id)
         # let the publishing ones finish and the others clean their temporary folders
         deadline = time.monotonic() + 10
         while self.running and time.monotonic() < deadline:
@@ -517,11 +519,20 @@ class Bridge:
         try:
             self.metrics.jobs_started.inc()
             status, fields = await self._copy(run)
+        except StoreUnavailable as e:
+            # Redis away (at shutdown _retrying gives up): not the job's failure. Its lease lapses
+            # and it is taken up again, here or elsewhere.
+            self.log.warn("job {job_id}: Redis unavailable ({e}); leaving it to be taken up again",
+                          job_id=job_id, e=e)
+            run.lost = True
+            status, fields = "ERROR", {"reason": errors.INTERNAL, "detailed_status": f"Redis unavailable: {e}"}
         except Exception as e:  # noqa: BLE001 - any bug ends the job in ERROR, never hangs it
             self.log.failure("job {job_id} failed unexpectedly", job_id=job_id)
             status, fields = "ERROR", {"reason": errors.INTERNAL, "detailed_status": f"internal error: {e}"}
         try:
-            if run.lost:
+            # A published copy records its result whenever its claim still holds (the store
+            # checks); any other result of a copy this process gave up is not the job's.
+            if run.lost and status != "SUCCESS":
                 self.log.info("job {job_id}: this process no longer holds it; not recording a result",
                               job_id=job_id)
                 return
@@ -608,8 +619,9 @@ class Bridge:
                         "fencing the publish", run.job_id, lambda: self.store.fence(run.job_id, run.token, {
                             "publish_tmp": tmpname, "publish_dev": dev, "publish_ino": ino,
                             "publish_files": run.files_total, "publish_bytes": run.bytes_total}))))
-                except StoreUnavailable:
-                    return False  # stopping with Redis away: do not publish; the job is taken up again
+                except StoreUnavailable:  # stopping with Redis away: do not publish; the job is taken up again
+                    run.lost = True
+                    return False
 
             made: list[engine.TempRecord] = []
 
