@@ -525,6 +525,7 @@ def manifest_latency(svc: DtsBridge, stress: dict[str, Any], poll: float) -> dic
     t0 = time.perf_counter()
     st: dict[str, Any] = {}
     scan_end = None
+    rss_scan = 0
     while True:
         t = time.perf_counter()
         conn.request("GET", status_path(job), headers=headers)
@@ -539,6 +540,7 @@ def manifest_latency(svc: DtsBridge, stress: dict[str, Any], poll: float) -> dic
         lat["all"].append(dt)
         if st.get("files_total") is None:  # the scan and the manifest check (no plan yet)
             lat["scan"].append(dt)
+            rss_scan = max(rss_scan, proc_status(pid).get("VmRSS", 0))
         elif scan_end is None:
             scan_end = time.perf_counter() - t0
         if time.perf_counter() - t0 > 1800:
@@ -551,7 +553,7 @@ def manifest_latency(svc: DtsBridge, stress: dict[str, Any], poll: float) -> dic
         raise SystemExit(f"the manifest stress job ended {st}\n{svc.log_tail()}")
     return {"lat": lat, "elapsed": elapsed, "scan": scan_end, "status": st,
             "rss_before": before.get("VmRSS", 0), "hwm_before": before.get("VmHWM", 0),
-            "hwm_after": after.get("VmHWM", 0)}
+            "hwm_after": after.get("VmHWM", 0), "rss_scan": rss_scan}
 
 
 def run_dts(args: argparse.Namespace, work: Path) -> int:
@@ -625,7 +627,11 @@ def run_dts(args: argparse.Namespace, work: Path) -> int:
                          f"{pct(s_all, 50) * 1000:.1f} / {pct(s_all, 99) * 1000:.1f} / "
                          f"{max(s_all, default=float('nan')) * 1000:.1f}", "p99 < 100",
                          "MET" if s_all and pct(s_all, 99) < 0.1 else "NOT MET"))
-            rows.append(("twistd peak RSS over its RSS before the job (MB; x manifest size)",
+            scan_extra = m["rss_scan"] - m["rss_before"]
+            rows.append(("twistd RSS during the scan + check, highest sample, over RSS before (MB; x manifest)",
+                         f"{scan_extra / 1e6:.0f} ({scan_extra / stress['manifest_bytes']:.1f}x)", "< 4x",
+                         "MET" if scan_extra < 4 * stress["manifest_bytes"] else "NOT MET"))
+            rows.append(("twistd peak RSS (VmHWM, whole job: scan, check, copy) over RSS before (MB; x manifest)",
                          f"{extra / 1e6:.0f} ({extra / stress['manifest_bytes']:.1f}x)", "< 4x",
                          "MET" if extra < 4 * stress["manifest_bytes"] else "NOT MET"))
 
