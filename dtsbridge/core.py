@@ -199,16 +199,18 @@ class Bridge:
         while self.running and time.monotonic() < deadline:
             await task.deferLater(self.reactor, 0.1, lambda: None)
         self.stopping = True  # from now on no Redis call waits out an outage (_retrying)
-        for run in list(self.running.values()):
-            if run.ended is not None:
-                # Its job already ended (stalled copy): keep the claim, so that if the thread
-                # never returns, recovery finds the ended job and removes its temporary folder.
-                run.lost = True
-                continue
-            # Lost first (a copy stopped by us records no CANCELLED), then no fence from now
-            # on: a copy not yet fenced will not publish.
+        runs = list(self.running.values())
+        for run in runs:
+            # Lost first (a copy stopped by us records no CANCELLED or ERROR of its own), then
+            # no fence from now on: a copy not yet fenced will not publish. A run whose job
+            # already ended (stalled copy) keeps its claim, so that if the thread never returns,
+            # recovery finds the ended job and removes its temporary folder.
             run.lost = True
-            run.stop.set()
+            if run.ended is None:
+                run.stop.set()
+        for run in runs:
+            if run.ended is not None:
+                continue
             try:
                 r = await self.store.release(run.job_id, run.token, "handed back to the queue by a stopping process")
             except Exception as e:  # noqa: BLE001
