@@ -175,6 +175,7 @@ def spec(version: str, staging_max_timeout: float = 604800) -> dict[str, Any]:
                     "400": _error("Bad body, bad or unknown user, or the DTS area itself"),
                     "403": _error("The token lacks the role, or the folder is outside the DTS area or unsafe"),
                     "404": _error("The folder does not exist or is not a folder"),
+                    "409": _error("The job was cancelled while the request waited (reason: cancelled)"),
                     "500": _error("The copy failed; nothing was left behind"),
                     **_COMMON,
                 },
