@@ -148,7 +148,7 @@ def test_redis_stays_flat_over_many_jobs(services, redis_proc: RedisProcess) -> 
     run_round(5 + n, 5 + 2 * n)
     wait_until(clean, 20, "the second round to be forgotten", b.log_tail, interval=0.3)
     assert len(redis_keys(redis_proc)) == base_keys
-    # 80 more jobs (about 1.5 KB each while kept) leave nothing behind
+    # 80 more jobs (about 2.3 KB each while kept) leave nothing behind
     assert memory() == after_first < 1024, (after_first, memory())
 
 
