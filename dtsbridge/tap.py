@@ -304,6 +304,7 @@ class QuietSite(Site):
         kwargs.setdefault("requestFactory", BoundedRequest)
         super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
         self.read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
+        self.on_refuse = None  # (route, code) -> None, for each request refused before any route ran
 
     def protocol(self):
         # A plain HTTP/1.1 channel that refuses big bodies at once and bounds slow clients
@@ -312,6 +313,7 @@ class QuietSite(Site):
 
         channel = BoundedChannel()
         channel.read_timeout = self.read_timeout
+        channel.on_refuse = self.on_refuse
         return channel
 
     def log(self, request) -> None:
@@ -384,6 +386,7 @@ def makeService(options: Options) -> service.IService:
     api = Api(bridge, authenticator, health=make_health(cfg, store, bridge, run_in_thread, reactor),
               openapi=spec(__version__, cfg.staging_max_timeout), events=hub)
     site = QuietSite(api.resource(), read_timeout=cfg.read_timeout)
+    site.on_refuse = lambda route, code: metrics.requests.labels(route, str(code)).inc()
     site.displayTracebacks = False
     strports.service(cfg.listen, site).setServiceParent(top)
 

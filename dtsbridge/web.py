@@ -476,6 +476,8 @@ class BoundedChannel(twhttp.HTTPChannel):
     """
 
     read_timeout: float = READ_TIMEOUT
+    #: called with (route, code) for each refusal (the request counter of /metrics)
+    on_refuse = None
     log = Logger()
 
     refused = False
@@ -542,6 +544,9 @@ class BoundedChannel(twhttp.HTTPChannel):
         if code != 408:  # 408 was logged with its reason
             self.log.info("refused a request from {peer}: {code} {message}", peer=str(self.transport.getPeer()),
                           code=code, message=message)
+        if self.on_refuse is not None:
+            path = getattr(self, "_path", b"").split(b"?", 1)[0].decode("latin-1")
+            self.on_refuse(path if path in _KNOWN_ROUTES else "other", code)
         body = json.dumps(error_body(code, message)).encode() + b"\n"
         head = (f"HTTP/1.1 {code} {http.HTTPStatus(code).phrase}\r\n"
                 "Content-Type: application/json\r\n"
@@ -595,9 +600,11 @@ class BoundedChannel(twhttp.HTTPChannel):
         super().connectionLost(reason)
 
 
+_KNOWN_ROUTES = ("/complete_transfer", "/transferStatus", "/submitTransfer", "/doneStaging", "/cancelTransfer",
+                 "/jobs", "/events", "/healthz", "/metrics", "/openapi.json")
+
+
 def _route(request: IRequest) -> str:
     path = request.path.decode("latin-1") if request.path else "/"
-    known = ("/complete_transfer", "/transferStatus", "/submitTransfer", "/doneStaging", "/cancelTransfer",
-             "/jobs", "/events", "/healthz", "/metrics", "/openapi.json")
-    return path if path in known else "other"
+    return path if path in _KNOWN_ROUTES else "other"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -162,6 +163,8 @@ def test_huge_content_length_413_at_once_nothing_spooled(svc: DtsBridge) -> None
     # the service goes on answering
     assert svc.call("GET", "/healthz").status == 200
     assert tmp_files_open(svc) == []
+    metrics = svc.call("GET", "/metrics").body.decode()
+    assert re.search(r'dtsbridge_http_requests_total\{[^}]*code="413"[^}]*\} 1', metrics), metrics[-2000:]
 
 
 def test_20_mib_anonymous_form_413_quickly_and_healthz_stays_fast(svc: DtsBridge) -> None:
