@@ -40,8 +40,9 @@ reached`` to stderr and sleep that long, so fault-injection tests can
 ``kill -9`` the process at a known moment.  Points: ``copy`` (after the first
 chunk of a job's first file is written), ``verify`` (after a job's first file
 is written, before it is re-read), ``publish`` (right before the publish
-fence and rename) and ``published`` (right after the rename, before the job's
-final state is recorded).
+fence and rename), ``published`` (right after the rename, before the job's
+final state is recorded) and ``half`` (once the job's journal has recorded at
+least half of its bytes as verified: resume tests kill there).
 """
 
 from __future__ import annotations
