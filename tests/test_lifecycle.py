@@ -678,7 +678,7 @@ def test_watch_takes_a_folder_whose_taker_died(bridges, redis_proc) -> None:
     """A mark left by a process that died before queueing the job expires; the folder is then completed."""
     b = bridges(WATCH, start=False)
     rel, src = dts_transfer(b.dts_root)
-    redis_proc.cli("SET", f"{PREFIX}:watched:{rel}", "taking:deadhost:1", "EX", "3")
+    redis_proc.cli("SET", f"{PREFIX}:watched:{rel}", "taking:deadhost:1", "EX", "8")  # outlives a slow start + 2 s
     b.start()
     time.sleep(2)
     assert jobs_for(b, "alice", rel) == [], "a folder being taken by another process was taken twice"
