@@ -255,7 +255,9 @@ class Bridge:
         if not await self.users.exists(user):
             raise RequestError(400, f"user {user!r} does not exist", reason=errors.USER_NOT_FOUND)
         try:
-            uid, gid = await self.run_in_thread(self._ownership, user)
+            # (only a passwd lookup blocks; it also tells a missing account early, as a 400)
+            uid, gid = (await self.run_in_thread(self._ownership, user) if self.config.ownership == "passwd"
+                        else self._ownership(user))
             if self.config.users_check != "directory":
                 await self.run_in_thread(engine.ensure_dir, self.config.user_root, [user], uid, gid)
         except errors.TransferError as e:
