@@ -550,6 +550,7 @@ for _, id in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', now, 'LIMIT', 0, ma
   end
 end
 local cur = tonumber(redis.call('GET', P .. ':trim_cursor') or '0') or 0
+local was = cur
 local batch = redis.call('ZRANGE', jobs, cur, cur + walk - 1)
 local kept = 0
 for _, id in ipairs(batch) do
@@ -571,7 +572,7 @@ for _, id in ipairs(batch) do
   end
 end
 if #batch < walk then cur = 0 else cur = cur + kept end
-redis.call('SET', P .. ':trim_cursor', cur)
+if cur ~= was then redis.call('SET', P .. ':trim_cursor', cur) end  -- an idle trim writes nothing
 return {dropped, scheduled}
 """
 

@@ -149,6 +149,16 @@ async def test_trim_drops_entries_of_lost_jobs_and_schedules_old_ended_ones(redi
         await store.trim(walk=2)
         assert index(redis_proc) == [live]
         assert pttl(redis_proc, f"{P}:job:{live}") == -1
+
+        # an idle trim (every second, in every process) writes nothing
+        def dirty() -> int:
+            return int(redis_proc.cli("INFO", "persistence").split("rdb_changes_since_last_save:")[1].split()[0])
+        for _ in range(3):
+            await store.trim(walk=2)
+        before = dirty()
+        for _ in range(5):
+            assert await store.trim(walk=2) == (0, 0)
+        assert dirty() == before
     finally:
         await store.close()
 
