@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import txredisapi
 from twisted.internet import defer, task
@@ -24,7 +24,12 @@ from twisted.logger import Logger
 from dtsbridge.model import Job
 from dtsbridge.store import Store, StoreUnavailable, parse_events
 
+REPLAY_PAGE = 200  # events read and written at a time when a stream resumes
 EVENT_ID = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
+
+
+class SlowClient(Exception):
+    """An event stream's client stopped reading and was disconnected."""
 
 
 def id_key(event_id: str) -> tuple[int, int]:
@@ -42,8 +47,10 @@ class Subscriber:
     """One open ``/events`` stream: what it may see, and where it is in the stream."""
 
     def __init__(self, write: Callable[[bytes], None], visible_user: str | None = None,
-                 user: str | None = None, job_id: str | None = None) -> None:
+                 user: str | None = None, job_id: str | None = None,
+                 drained: Callable[[], Awaitable[None]] | None = None) -> None:
         self.write = write
+        self.drained = drained  # waits until the client took what was written (replay pacing)
         self.visible_user = visible_user  # None: a transfer_role caller sees every job
         self.user = user
         self.job_id = job_id
@@ -207,6 +214,8 @@ class EventHub:
             for sub in list(self.subscribers):
                 try:
                     sub.send(event_id, job, data)
+                except SlowClient:
+                    self.unsubscribe(sub)
                 except Exception:  # noqa: BLE001 - one broken stream never stops the others
                     self.log.failure("writing an event to a stream failed")
                     self.unsubscribe(sub)
@@ -250,16 +259,18 @@ class EventHub:
             sub.last = id_key(after)
             cursor = after
             while True:
-                page = await self.store.events_after(cursor, count=500)
+                page = await self.store.events_after(cursor, count=REPLAY_PAGE)
                 for event_id, job in page:
                     key = id_key(event_id)
                     if key > sub.last:
                         sub.last = key
                         if sub.wants(job):
                             sub.write(frame(event_id, job))
-                if len(page) < 500:
+                if len(page) < REPLAY_PAGE:
                     break
                 cursor = page[-1][0]
+                if sub.drained is not None:
+                    await sub.drained()
             sub.go_live()
             sub.write(b": live\n\n")
             await sub.done

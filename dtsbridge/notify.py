@@ -72,6 +72,9 @@ class Notifier(service.Service):
         self.reactor = reactor
         self.interval = interval
         self.token = f"{holder}:{secrets.token_hex(6)}"
+        # The first process ever to send webhooks starts the group at its own start (a minute
+        # early, for clock skew), not at "now": events of jobs made before its first tick count.
+        self.start_id = f"{max(0, int(time.time() * 1000) - 60_000)}-0"
         self._client = client
         self._pool = None
         self._loop: task.LoopingCall | None = None
@@ -160,7 +163,7 @@ class Notifier(service.Service):
 
     async def tick(self) -> None:
         if not self._group_ready:
-            await self.store.hooks_group(GROUP)
+            await self.store.hooks_group(GROUP, self.start_id)
             self._group_ready = True
         await self.intake()
         await self.send_due()

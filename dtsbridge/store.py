@@ -995,10 +995,10 @@ class Store:
 
     # -- webhook deliveries ---------------------------------------------------
 
-    async def hooks_group(self, group: str) -> None:
-        """Make the consumer group that turns new events into deliveries (once; later calls keep it)."""
+    async def hooks_group(self, group: str, start_id: str = "$") -> None:
+        """Make the consumer group that turns events after ``start_id`` into deliveries (once; later calls keep it)."""
         try:
-            await self._call(self.redis.execute_command("XGROUP", "CREATE", self.events_key, group, "$",
+            await self._call(self.redis.execute_command("XGROUP", "CREATE", self.events_key, group, start_id,
                                                         "MKSTREAM"))
         except (txredisapi.ResponseError, StoreUnavailable) as e:
             if "BUSYGROUP" not in str(e):  # (_call takes BUSYGROUP for Redis's BUSY)

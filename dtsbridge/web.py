@@ -12,25 +12,31 @@ send a whole request (headers and body) before it gets 408.
 
 from __future__ import annotations
 
+import fcntl
 import http
 import io
 import json
+import struct
+import termios
 import urllib.parse
 from typing import Any
 
 from klein import Klein
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web import http as twhttp
 from twisted.web import server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
+from zope.interface import implementer
 
 from dtsbridge import auth
 from dtsbridge.core import Bridge, Draining, RequestError
 from dtsbridge.errors import http_status_for
-from dtsbridge.events import EVENT_ID, EventHub, Subscriber
+from dtsbridge.events import EVENT_ID, EventHub, SlowClient, Subscriber
 from dtsbridge.model import Job, looks_like_job_id
 from dtsbridge.store import StoreUnavailable
 
@@ -58,6 +64,71 @@ def load_ui() -> dict[str, bytes]:
     from importlib import resources
     base = resources.files("dtsbridge") / "ui"
     return {name: (base / name).read_bytes() for name in UI_FILES}
+
+
+@implementer(IPushProducer)
+class StreamPacer:
+    """A push producer for one event stream: Twisted says when the client's socket is full.
+
+    A client more than ``max_behind`` bytes behind (what the kernel still holds for it,
+    plus what Twisted buffered since it paused us) is disconnected; it may come back
+    with ``Last-Event-ID``. So a client that stops reading cannot make the process
+    (or the kernel) hold an ever-growing buffer.
+    """
+
+    log = Logger()
+    max_behind = 512 * 1024
+
+    def __init__(self, request: IRequest) -> None:
+        self.request = request
+        self.paused = False
+        self.behind = 0
+        self.dropped = False
+        self._waiting: list[Deferred] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.behind = 0
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            if not d.called:
+                d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.dropped = True
+
+    async def drained(self) -> None:
+        """Return once the client has taken what was written (a replay writes page by page)."""
+        if self.paused and not self.dropped:
+            d = Deferred()
+            self._waiting.append(d)
+            await d
+
+    def _in_kernel(self, transport) -> int:
+        """Bytes the kernel holds for the client, not yet acknowledged (Linux ``SIOCOUTQ``)."""
+        try:
+            out = fcntl.ioctl(transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+            return struct.unpack("i", out)[0]
+        except (AttributeError, OSError, ValueError):
+            return 0
+
+    def write(self, data: bytes) -> None:
+        if self.dropped:
+            raise SlowClient("the stream is closed")
+        if self.paused:
+            self.behind += len(data)
+        transport = getattr(self.request.channel, "transport", None)
+        if transport is not None:
+            behind = self.behind + self._in_kernel(transport)
+            if behind > self.max_behind:
+                self.dropped = True
+                self.log.info("event stream: dropping a client that stopped reading ({n} bytes behind)", n=behind)
+                transport.abortConnection()
+                raise SlowClient("the client stopped reading")
+        self.request.write(data)
 
 
 class ApiError(Exception):
@@ -383,9 +454,15 @@ class Api:
         request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
         request.setHeader(b"Cache-Control", b"no-store")
         request.setHeader(b"X-Accel-Buffering", b"no")  # nginx: pass each event at once
-        request.write(b": dtsbridge job events\nretry: 2000\n\n")
-        sub = Subscriber(request.write, visible_user=visible, user=user, job_id=job_id)
-        await self.events.stream(sub, after)
+        pacer = StreamPacer(request)
+        request.registerProducer(pacer, True)
+        pacer.write(b": dtsbridge job events\nretry: 2000\n\n")
+        sub = Subscriber(pacer.write, visible_user=visible, user=user, job_id=job_id, drained=pacer.drained)
+        try:
+            await self.events.stream(sub, after)
+        except SlowClient:
+            return b""
+        request.unregisterProducer()
         return b""
 
     def ui_file(self, request: IRequest, name: str) -> bytes:

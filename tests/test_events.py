@@ -291,3 +291,59 @@ def test_events_with_the_embedded_redis_resume_after_a_restart(tmp_path):
         again.close()
     finally:
         b.kill()
+
+
+def test_a_client_that_stops_reading_is_dropped_and_the_others_go_on(services):
+    import socket
+    b = services()
+    stuck = socket.socket()
+    stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # and it never reads
+    stuck.connect(("127.0.0.1", b.port))
+    stuck.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: {DTS_TOKEN}\r\n\r\n".encode())
+    good = SseStream(b.port, token=DTS_TOKEN)
+    good.wait_comment("live")
+    wait_until(lambda: _metric(b, "dtsbridge_event_streams") == 2, 10, "two streams")
+    made = []
+    while _metric(b, "dtsbridge_event_streams") == 2 and len(made) < 2000:
+        for _ in range(20):
+            r = b.call("POST", "/submitTransfer", token=DTS_TOKEN,
+                       json_body={"target_user": "bob", "subdirectory": "x" * 200})
+            job_id = r.json()["job_id"]
+            assert b.call("POST", "/cancelTransfer", token=DTS_TOKEN, json_body={"job_id": job_id}).status == 200
+            made.append(job_id)
+    assert _metric(b, "dtsbridge_event_streams") == 1, f"the stuck client was not dropped after {len(made)} jobs"
+    assert "stopped reading" in b.log_text()
+    # the reading client got every event, and the service answers as before
+    good.wait(lambda ev: len(ev) == 2 * len(made), 30, "every event in the reading stream")
+    assert b.call("GET", "/healthz").status == 200
+    good.close()
+    stuck.close()
+
+
+def test_a_long_replay_reaches_a_slow_reader_whole(services):
+    """Resuming from far back writes page by page as the client reads: a slow reader is not dropped."""
+    b = services()
+    made = []
+    for _ in range(900):
+        r = b.call("POST", "/submitTransfer", token=DTS_TOKEN,
+                   json_body={"target_user": "bob", "subdirectory": "y" * 300})
+        made.append(r.json()["job_id"])
+    # a reader that takes its time: 16 KiB every 50 ms, through a small receive buffer
+    import socket
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+    s.connect(("127.0.0.1", b.port))
+    s.sendall(f"GET /events HTTP/1.1\r\nHost: x\r\nAuthorization: {DTS_TOKEN}\r\nLast-Event-ID: 0\r\n\r\n".encode())
+    s.settimeout(10)
+    got = b""
+    deadline = time.monotonic() + 60
+    while b": live" not in got and time.monotonic() < deadline:
+        chunk = s.recv(16384)
+        if not chunk:
+            break
+        got += chunk
+        time.sleep(0.05)
+    s.close()
+    assert b": live" in got, (len(got), got[-300:])
+    assert got.count(b"\nevent: job\n") == len(made)
+    assert "stopped reading" not in b.log_text()
