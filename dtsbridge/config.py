@@ -156,6 +156,20 @@ def _choice(section: str, key: str, value: str, choices: tuple[str, ...]) -> str
     return v
 
 
+def _separate_roots(dts_root: str, user_root: str) -> None:
+    """The DTS area and the users' datastores must not overlap (compared as real paths, links resolved):
+    otherwise a DTS token could copy one user's datastore into another's."""
+    d, u = os.path.realpath(dts_root), os.path.realpath(user_root)
+    if d == u:
+        raise ConfigError(f"[paths] dts_root, user_root: both are {d}; they must be separate folders")
+    if os.path.commonpath([d, u]) == u:
+        raise ConfigError(f"[paths] dts_root, user_root: dts_root {d} is inside user_root {u}; "
+                          f"they must not overlap")
+    if os.path.commonpath([d, u]) == d:
+        raise ConfigError(f"[paths] dts_root, user_root: user_root {u} is inside dts_root {d}; "
+                          f"they must not overlap")
+
+
 def read_raw(path: str | None, environ: Mapping[str, str] | None = None) -> tuple[dict[str, dict[str, str]], str]:
     """The merged settings (defaults < file < environment) and the folder relative paths start from.
 
@@ -265,6 +279,9 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
     if retry_first > 10:
         raise ConfigError("[notify] retry_first_seconds: must be at most 10")
 
+    dts_root, user_root = p("paths", "dts_root"), p("paths", "user_root")
+    _separate_roots(dts_root, user_root)
+
     return Config(
         source=path or "",
         unknown_keys=tuple(v["_unknown"]),
@@ -276,8 +293,8 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         key_prefix=prefix,
         state_dir=p("state", "dir"),
         retention_seconds=retention_days * 86400,
-        dts_root=p("paths", "dts_root"),
-        user_root=p("paths", "user_root"),
+        dts_root=dts_root,
+        user_root=user_root,
         target_subdir=parts,
         delete_source=_bool("paths", "delete_source", v["paths"]["delete_source"]),
         auth_backend=backend,

@@ -141,3 +141,24 @@ def test_public_view_hides_secrets_and_nulls() -> None:
     for secret in ("authcode_hash", "claim", "lease_host", "publish_ino"):
         assert secret not in view
     assert "path" not in view and "reason" not in view
+
+
+@pytest.mark.parametrize("dts,users,message", [
+    ("area", "area/users", "user_root {users} is inside dts_root {dts}"),
+    ("area", "area", "both are {dts}"),
+    ("area/users/dts", "area/users", "dts_root {dts} is inside user_root {users}"),
+    ("area/./x/..", "area/link", "both are {dts}"),  # a link to dts_root is the same folder
+])
+def test_overlapping_roots_are_refused_naming_the_keys(tmp_path: Path, dts: str, users: str, message: str) -> None:
+    (tmp_path / "area" / "users" / "dts").mkdir(parents=True)
+    (tmp_path / "area" / "link").symlink_to(tmp_path / "area")
+    env = {"DTSBRIDGE_PATHS_DTS_ROOT": str(tmp_path / dts), "DTSBRIDGE_PATHS_USER_ROOT": str(tmp_path / users)}
+    with pytest.raises(config.ConfigError) as e:
+        config.load(str(write(tmp_path, SPEC_EXAMPLE)), environ=env)
+    real = {"dts": str((tmp_path / dts).resolve()), "users": str((tmp_path / users).resolve())}
+    assert str(e.value).startswith("[paths] dts_root, user_root: "), e.value
+    assert message.format(**real) in str(e.value) and "\n" not in str(e.value)
+    # separate folders, even sharing a prefix of their names, are fine
+    env = {"DTSBRIDGE_PATHS_DTS_ROOT": str(tmp_path / "area" / "dts"),
+           "DTSBRIDGE_PATHS_USER_ROOT": str(tmp_path / "area" / "dts-users")}
+    assert config.load(str(write(tmp_path, SPEC_EXAMPLE)), environ=env).user_root.endswith("dts-users")

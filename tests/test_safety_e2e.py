@@ -178,3 +178,22 @@ def test_folders_named_like_a_jobs_temp_survive_its_cleanup_and_recovery(service
     assert tree_of(look_alike) == {"precious.txt": b"the user's own files\n", "sub/more.txt": b"the user's own files\n"}
     assert sorted(n for n in os.listdir(alice) if n.startswith(".dtsbridge-")) == sorted(
         [p.name for p in planted] + [look_alike.name])
+
+
+def test_user_root_inside_dts_root_stops_startup_naming_the_keys(services: Any, tmp_path: Path) -> None:
+    """Overlapping roots would let a DTS token copy bob's datastore to alice (subdirectory=users/bob)."""
+    area = tmp_path / "area"
+    (area / "users" / "alice").mkdir(parents=True)
+    (area / "users" / "bob").mkdir(parents=True)
+    b = services(start=False)
+    b.settings["paths"]["dts_root"] = os.path.relpath(area, b.etc)
+    b.settings["paths"]["user_root"] = os.path.relpath(area / "users", b.etc)
+    (area / "users" / "bob" / "private.txt").write_text("bob's")
+    b.start(wait=False)
+    assert b.proc is not None
+    b.proc.wait(30)
+    assert b.proc.returncode != 0, b.log_tail()
+    lines = [ln for ln in b.log_text().splitlines() if "[paths] dts_root, user_root:" in ln]
+    assert len(lines) == 1 and "is inside dts_root" in lines[0], b.log_tail()
+    assert "Traceback" not in b.log_text(), b.log_tail()
+    assert sorted(os.listdir(area / "users" / "alice")) == []
