@@ -210,6 +210,10 @@ def text_field(body: dict[str, Any], name: str, required: bool = True, limit: in
         return None
     if len(value) > limit or "\x00" in value:
         raise ApiError(400, f"{name} is too long or holds a NUL character")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate (JSON "\ud800"): it can be neither a file name here nor stored
+        raise ApiError(400, f"{name} is not valid Unicode text (it holds a lone surrogate)") from None
     return value
 
 

@@ -406,6 +406,31 @@ def test_400_missing_empty_or_non_string_field(svc: DtsBridge, body: dict[str, A
     assert_error(post(svc, body), 400)
 
 
+def test_400_lone_surrogate_in_a_text_field_of_every_route(svc: DtsBridge) -> None:
+    """JSON may spell a lone surrogate ("\\ud800", or "n\\udcff5", the surrogate-escaped name of a
+    folder whose name is not UTF-8): it can be neither stored nor a file name here: 400, nothing made."""
+    bad = os.fsencode(svc.dts_root) + b"/n\xff5"
+    os.makedirs(bad, exist_ok=True)
+    open(bad + b"/a", "wb").write(b"x")
+    js = {"Content-Type": "application/json"}
+    for route in ("/complete_transfer", "/submitTransfer"):
+        for sub in (b"x\\ud800", b"n\\udcff5", b"\\udfff"):
+            raw = b'{"target_user":"alice","subdirectory":"' + sub + b'"}'
+            err = assert_error(svc.call("POST", route, token=DTS_TOKEN, raw=raw, headers=js), 400)
+            assert "subdirectory" in err["message"], err
+    make_tree(svc.dts_root / "surrogate-staged", {"a": b"1"})
+    j = svc.call("POST", "/submitTransfer", token=DTS_TOKEN,
+                 json_body={"target_user": "alice", "subdirectory": "surrogate-staged"}).json()
+    for field in ("msg", "staged_to", "path"):
+        raw = ('{"job_id":"%s","authcode":"%s","success":false,"%s":"tape \\ud800"}'
+               % (j["job_id"], j["authcode"], field)).encode()
+        err = assert_error(svc.call("POST", "/doneStaging", raw=raw, headers=js), 400)
+        assert field in err["message"], err
+    assert svc.status(j["job_id"]).json()["status"] == "STAGING"  # the refusals changed nothing
+    assert leftovers(svc.user_root) == [] and not (svc.user_root / "alice" / "n\udcff5").exists()
+    assert "InvalidData" not in svc.log_text()
+
+
 def test_400_subdirectory_naming_the_dts_area_itself(svc: DtsBridge) -> None:
     for sub in ("", ".", "./", "/", "//", str(svc.dts_root), str(svc.dts_root) + "/", str(svc.dts_root) + "/."):
         r = post(svc, {"target_user": "alice", "subdirectory": sub})
