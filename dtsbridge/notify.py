@@ -30,7 +30,8 @@ import secrets
 import time
 from twisted.application import service
 from twisted.internet import defer, task
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 
 from dtsbridge.config import Config
@@ -44,6 +45,7 @@ LEASE_MS = 60_000  # a taken delivery is not taken again for this long (> SEND_T
 MAX_INTERVAL = 600.0  # at most 10 minutes between attempts
 STALE_MS = 60_000  # an event read but not acknowledged for this long goes to another process
 IN_FLIGHT = 32  # deliveries sent at once by one process
+MAX_ANSWER = 64 * 1024  # at most this much of a receiver's answer body is read; then the connection is dropped
 
 
 def signature(secret: str, body: bytes) -> str:
@@ -214,13 +216,10 @@ class Notifier(service.Service):
             headers["X-Dtsbridge-Signature"] = [signature(self.config.webhook_secret, body)]
         error = ""
         try:
-            resp = await self.client.post(url, data=body, headers=headers, timeout=SEND_TIMEOUT)
-            try:
-                d = resp.content()
-                d.addTimeout(SEND_TIMEOUT, self.reactor)
-                await d
-            except Exception:  # noqa: BLE001 - the status is what counts
-                pass
+            # unbuffered: treq would otherwise collect the whole answer body in memory
+            resp = await self.client.post(url, data=body, headers=headers, timeout=SEND_TIMEOUT,
+                                          unbuffered=True)
+            await self._discard_body(resp)
             if 200 <= resp.code < 300:
                 await self.store.hooks_done(member, self.token)
                 self.delivered += 1
@@ -249,11 +248,47 @@ class Notifier(service.Service):
                       event_id=event_id, url=url, error=error, n=attempts + 1, delay=delay)
         await self._retry(member, int(delay * 1000), error)
 
+    async def _discard_body(self, resp) -> None:
+        """Read and drop the answer's body: at most :data:`MAX_ANSWER` bytes for at most
+        :data:`SEND_TIMEOUT` seconds, then the connection is dropped. Only the status counts."""
+        done: Deferred = Deferred()
+        sink = _Discard(done, MAX_ANSWER)
+        resp.deliverBody(sink)
+        done.addTimeout(SEND_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: sink.drop())
+        try:
+            await done
+        except Exception:  # noqa: BLE001 - the status is what counts
+            pass
+
     async def _retry(self, member: str, delay_ms: int, error: str) -> None:
         try:
             await self.store.hooks_retry(member, self.token, delay_ms, error)
         except StoreUnavailable:
             pass  # its lease lapses and it is taken again
+
+
+class _Discard(Protocol):
+    """Counts and drops a webhook answer's body; past ``limit`` bytes it drops the connection."""
+
+    def __init__(self, done: Deferred, limit: int) -> None:
+        self.done = done
+        self.limit = limit
+        self.received = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += len(data)
+        if self.received > self.limit:
+            self.drop()
+
+    def drop(self) -> None:
+        if self.transport is not None:
+            self.transport.loseConnection()  # not reused by the pool: its body was not read to the end
+        if not self.done.called:
+            self.done.callback(None)
+
+    def connectionLost(self, reason=None) -> None:
+        if not self.done.called:
+            self.done.callback(None)
 
 
 def _describe(e: BaseException) -> str:

@@ -241,3 +241,63 @@ def test_webhooks_with_defaults_and_the_embedded_redis_across_a_restart(tmp_path
         assert retried[1]["t"] - retried[0]["t"] <= 10 + 5  # first retry within 10 s (+ the restart)
     finally:
         b.kill()
+
+
+def test_webhook_answer_body_is_not_buffered(services):
+    """A receiver that answers 200 and then streams an endless body: dtsbridge reads at most a little of it,
+    drops the connection, counts the delivery by its status, and its memory stays flat."""
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    srv.settimeout(30)
+    sent = [0]
+    finished = threading.Event()
+
+    def answer():
+        try:
+            c, _ = srv.accept()
+        except OSError:
+            return
+        try:
+            c.settimeout(2)
+            c.recv(65536)
+            c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\n"
+                      b"Content-Length: 4000000000\r\n\r\n")
+            chunk = b"x" * (1 << 20)
+            t = time.monotonic()
+            while time.monotonic() - t < 8 and sent[0] < 512 * (1 << 20):
+                c.sendall(chunk)
+                sent[0] += len(chunk)
+        except OSError:
+            pass  # dtsbridge hung up: what we want
+        finally:
+            c.close()
+            finished.set()
+
+    threading.Thread(target=answer, daemon=True).start()
+    b = services({"notify": {"webhook_urls": f"http://127.0.0.1:{srv.getsockname()[1]}/hook",
+                             "webhook_secret": SECRET}})
+
+    def rss_mib() -> int:
+        with open(f"/proc/{b.proc.pid}/status") as f:
+            return int(next(line for line in f if line.startswith("VmRSS")).split()[1]) // 1024
+
+    try:
+        base = peak = rss_mib()
+        make_tree(b.dts_root / "t", {"a": b"1"})
+        assert b.complete("alice", "t").status == 201
+        t = time.monotonic()
+        while not finished.is_set() and time.monotonic() - t < 20:
+            peak = max(peak, rss_mib())
+            time.sleep(0.05)
+        assert finished.is_set()
+        assert sent[0] < 32 * (1 << 20), f"dtsbridge read {sent[0] >> 20} MiB of a webhook answer"
+        assert peak - base < 64, f"RSS {base} MiB -> {peak} MiB"
+
+        def delivered() -> bool:
+            m = re.search(r"^dtsbridge_webhooks_delivered_total (\S+)", b.call("GET", "/metrics").body.decode(), re.M)
+            return bool(m) and float(m.group(1)) >= 1
+        wait_until(delivered, 10, "the 200 answer counted as delivered", b.log_tail)
+    finally:
+        srv.close()
