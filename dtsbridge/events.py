@@ -8,23 +8,38 @@ every other command) and hands each new event to the :class:`Subscriber` s
 that may see it. A stream that resumes from ``Last-Event-ID`` first replays
 the stored events with ``XRANGE`` (the shared pool; non-blocking reads) while
 the live ones wait in its buffer, so nothing is lost or sent twice.
+
+Replays are cheap for the reactor (many clients resuming from ``0-0`` at once
+must not stall it): pages of :data:`REPLAY_PAGE` events are read once and
+shared by every stream at the same place (complete pages are kept in a small
+cache); a stream is filtered by the entry's ``target_user``/``job_id`` fields
+without parsing the job, and each event's frame is made at most once per page
+read, whichever stream needs it first; at most :data:`REPLAY_WORKERS` pages are
+worked on at once per process (the others queue, first come first served), and
+a replay gives the reactor back every :data:`REPLAY_SLICE` seconds.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import time
+from collections import OrderedDict
 from typing import Any, Awaitable, Callable
 
 import txredisapi
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dtsbridge.model import Job
 from dtsbridge.store import Store, StoreUnavailable, parse_events
 
 REPLAY_PAGE = 200  # events read and written at a time when a stream resumes
+REPLAY_WORKERS = 4  # replay pages worked on at once per process; other replays wait their turn
+REPLAY_SLICE = 0.004  # seconds of reactor time a replay uses before letting the reactor run
+REPLAY_CACHE = 32  # complete replay pages kept, shared by streams resuming from the same place
 EVENT_ID = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
 
 
@@ -43,6 +58,41 @@ def frame(event_id: str, job: Job) -> bytes:
     return f"id: {event_id}\nevent: job\ndata: {json.dumps(job.public(), separators=(',', ':'))}\n\n".encode()
 
 
+class Entry:
+    """One stored event of a replay page: filterable without parsing; its job and frame made once, on demand."""
+
+    __slots__ = ("event_id", "key", "job_id", "target_user", "_fields", "_frame")
+
+    def __init__(self, event_id: str, job_id: str, fields: dict[str, str]) -> None:
+        self.event_id = event_id
+        self.key = id_key(event_id)
+        self.job_id = job_id
+        self.target_user = fields.get("target_user", "")
+        self._fields: dict[str, str] | None = fields
+        self._frame: bytes | None = None
+
+    def frame(self) -> bytes | None:
+        """The SSE frame (None: an entry that is not a job, e.g. an unknown status)."""
+        if self._fields is not None:
+            fields, self._fields = self._fields, None
+            try:
+                self._frame = frame(self.event_id, Job.from_hash(self.job_id, fields))
+            except ValueError:
+                self._frame = None
+        return self._frame
+
+
+def entries(raw) -> list[Entry]:
+    """Raw ``XRANGE`` entries as :class:`Entry` s (those without a job id or status are skipped)."""
+    out: list[Entry] = []
+    for entry_id, flat in raw or []:
+        h = dict(zip(flat[::2], flat[1::2]))
+        job_id = h.pop("job_id", None)
+        if job_id and "status" in h:
+            out.append(Entry(entry_id, job_id, h))
+    return out
+
+
 class Subscriber:
     """One open ``/events`` stream: what it may see, and where it is in the stream."""
 
@@ -55,11 +105,11 @@ class Subscriber:
         self.user = user
         self.job_id = job_id
         self.last: tuple[int, int] = (0, 0)  # the newest event id sent
-        self.buffer: list[tuple[str, Job]] | None = []  # live events held back during a replay
+        self.buffer: list[tuple[str, Job, bytes | None]] | None = []  # live events held back during a replay
         self.done: Deferred = Deferred()  # fires when the hub stops
         self.closed = False
 
-    def wants(self, job: Job) -> bool:
+    def wants(self, job: Job | Entry) -> bool:
         if self.visible_user is not None and job.target_user != self.visible_user:
             return False
         if self.user is not None and job.target_user != self.user:
@@ -71,7 +121,7 @@ class Subscriber:
         if self.closed:
             return
         if self.buffer is not None:
-            self.buffer.append((event_id, job))
+            self.buffer.append((event_id, job, data))
             return
         key = id_key(event_id)
         if key <= self.last:
@@ -83,8 +133,8 @@ class Subscriber:
     def go_live(self) -> None:
         """The replay is done: send what arrived meanwhile, then every event as it comes."""
         held, self.buffer = self.buffer or [], None
-        for event_id, job in held:
-            self.send(event_id, job)
+        for event_id, job, data in held:
+            self.send(event_id, job, data)
 
 
 class EventHub:
@@ -110,6 +160,10 @@ class EventHub:
         self._ping: task.LoopingCall | None = None
         self._wake: Deferred | None = None
         self._ready: list[Deferred] = []  # streams waiting for the reader's first position
+        self._replays = defer.DeferredSemaphore(REPLAY_WORKERS)
+        self._pages: OrderedDict[str, list[Entry]] = OrderedDict()  # cursor -> a complete page
+        self._fetching: dict[str, list[Deferred]] = {}  # cursor -> streams waiting for that page
+        self.pages_read = 0
 
     # -- life ----------------------------------------------------------------
 
@@ -259,16 +313,15 @@ class EventHub:
             sub.last = id_key(after)
             cursor = after
             while True:
-                page = await self.store.events_after(cursor, count=REPLAY_PAGE)
-                for event_id, job in page:
-                    key = id_key(event_id)
-                    if key > sub.last:
-                        sub.last = key
-                        if sub.wants(job):
-                            sub.write(frame(event_id, job))
+                page = await self._page(cursor)
+                await self._replays.acquire()
+                try:
+                    await self._replay_page(sub, page)
+                finally:
+                    self._replays.release()
                 if len(page) < REPLAY_PAGE:
                     break
-                cursor = page[-1][0]
+                cursor = page[-1].event_id
                 if sub.drained is not None:
                     await sub.drained()
             sub.go_live()
@@ -276,3 +329,74 @@ class EventHub:
             await sub.done
         finally:
             self.unsubscribe(sub)
+
+    # -- replay pages ----------------------------------------------------------------
+
+    async def _page(self, cursor: str) -> list[Entry]:
+        """The :data:`REPLAY_PAGE` events after ``cursor``: one ``XRANGE`` shared by the streams asking at once.
+
+        Only a complete page is shared with a stream that asked after the read began, or kept:
+        a shorter one (the stream's end) may lack events added since, which the hub delivers
+        only to streams that subscribed before it read them; such a stream reads its own.
+        The read runs on its own, so a client hanging up cancels only its own wait.
+        """
+        page = self._pages.get(cursor)
+        if page is not None:
+            self._pages.move_to_end(cursor)
+            return page
+        if cursor in self._fetching:
+            page = await self._wait(cursor)
+            if len(page) >= REPLAY_PAGE:
+                return page
+            self.pages_read += 1
+            return entries(await self.store.event_entries(cursor, count=REPLAY_PAGE))
+        self._fetching[cursor] = []
+        mine = self._wait(cursor)
+        ensureDeferred(self._fetch(cursor))
+        return await mine
+
+    def _wait(self, cursor: str) -> Deferred:
+        d: Deferred = Deferred()
+        self._fetching[cursor].append(d)
+        return d
+
+    async def _fetch(self, cursor: str) -> None:
+        try:
+            page = entries(await self.store.event_entries(cursor, count=REPLAY_PAGE))
+        except Exception:  # noqa: BLE001 - handed to every stream waiting for this page
+            failure = Failure()
+            for d in self._fetching.pop(cursor, []):
+                if not d.called:
+                    d.errback(failure)
+            return
+        self.pages_read += 1
+        if len(page) >= REPLAY_PAGE:
+            self._pages[cursor] = page
+            while len(self._pages) > REPLAY_CACHE:
+                self._pages.popitem(last=False)
+        for d in self._fetching.pop(cursor, []):
+            if not d.called:  # (a cancelled wait: its client hung up)
+                d.callback(page)
+
+    async def _replay_page(self, sub: Subscriber, page: list[Entry]) -> None:
+        """Write one page's events that ``sub`` may see, giving the reactor back every REPLAY_SLICE seconds."""
+        out: list[bytes] = []
+        started = time.monotonic()
+        for entry in page:
+            if sub.closed:
+                return
+            if entry.key <= sub.last:
+                continue
+            sub.last = entry.key
+            if sub.wants(entry):
+                data = entry.frame()
+                if data is not None:
+                    out.append(data)
+            if time.monotonic() - started > REPLAY_SLICE:
+                if out:
+                    sub.write(b"".join(out))
+                    out = []
+                await task.deferLater(self.reactor, 0, lambda: None)
+                started = time.monotonic()
+        if out and not sub.closed:
+            sub.write(b"".join(out))

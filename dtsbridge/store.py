@@ -877,9 +877,13 @@ class Store:
 
     async def events_after(self, after: str, count: int = 500) -> list[tuple[str, Job]]:
         """At most ``count`` events that came after the event ``after``, oldest first."""
+        return parse_events(await self.event_entries(after, count))
+
+    async def event_entries(self, after: str, count: int = 500) -> list:
+        """The same as raw ``XRANGE`` entries (``[id, [field, value, …]]``), for callers that parse lazily."""
         r = await self._call(self.redis.execute_command("XRANGE", self.events_key, "(" + after, "+",
                                                         "COUNT", str(count)))
-        return parse_events(r)
+        return list(r or [])
 
     # -- changing ---------------------------------------------------------
 
