@@ -12,7 +12,9 @@ Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
   for ``[copy] max_jobs_per_user``
 - ``P:folder:<user>:<folder>``  string: the job that owns "copy this folder for
   this user"; a repeat of the request finds it here
-- ``P:watched:<folder>``  string: the watcher has taken this folder (SET NX)
+- ``P:watched:<folder>``  string: the watcher has taken this folder (SET NX); once its
+  job exists, the job id, kept for ``WATCH_MARK_MS`` (at least the retention) and renewed
+  while the folder is still in the DTS area, so the folder is never delivered twice
 - ``P:expiring``      sorted set: ended jobs by the time they are forgotten (ms)
 - ``P:events``        stream: every job change (see :data:`_EVENTS`), kept for ``EVENT_KEEP_MS``;
   its consumer group ``webhooks`` turns events into webhook deliveries
@@ -20,8 +22,8 @@ Layout (``P`` is ``[redis] key_prefix``, ``dtsbridge`` by default):
   ``P:hook:<event id> <url>`` hash: a delivery's body, URL, attempts, first try
 
 Retention: when a job ends and no worker holds it any more, the script that
-ends it gives its hash, its folder key and its watcher mark (the ones that
-still name it) a ``PEXPIRE`` of the job's ``retain_ms`` (``[state]
+ends it gives its hash and its folder key (if it still names it) a ``PEXPIRE``
+of the job's ``retain_ms`` (``[state]
 retention_days``, recorded at creation) and adds it to ``P:expiring``;
 :meth:`Store.trim` (every housekeeping tick) then drops the index entries
 (``P:jobs``, ``P:expiring``) of jobs whose time is up. Redis memory is thus
@@ -66,6 +68,8 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 """
 
 DEFAULT_RETAIN_MS = 30 * 86400 * 1000
+#: the least time a watcher's mark of a done folder lives without renewal (see _WATCHED_DONE)
+WATCH_MARK_MS = 30 * 86400 * 1000
 
 # Job events. Every script that changes a job calls emit(P, id) in the same
 # script, so the stream ``P:events`` can never miss or invent a change: one entry
@@ -111,10 +115,8 @@ local function forget_later(P, id, key, default_ms)
   local ms = tonumber(redis.call('HGET', key, 'retain_ms') or '') or default_ms or %d
   if ms < 1 then ms = 1 end
   redis.call('PEXPIRE', key, ms)
-  for _, f in ipairs({'folder_key', 'watched_key'}) do
-    local k = redis.call('HGET', key, f)
-    if k and redis.call('GET', k) == id then redis.call('PEXPIRE', k, ms) end
-  end
+  local k = redis.call('HGET', key, 'folder_key')
+  if k and redis.call('GET', k) == id then redis.call('PEXPIRE', k, ms) end
   redis.call('ZADD', P .. ':expiring', now + ms, id)
 end
 """ % DEFAULT_RETAIN_MS
@@ -511,19 +513,39 @@ end
 return out
 """
 
-# KEYS: the watcher's mark ; ARGV: prefix, id, retain_ms ; the mark names the folder's
-# job for as long as that job is kept (its hash records the mark, see _FORGET).
+# The watcher's mark outlives the folder's job: a job is forgotten after the retention,
+# but the folder may stay in the DTS area for ever, and a watcher that found no mark
+# would deliver it again (a restart has no memory). So the mark gets its own TTL,
+# ``mark_ms`` (at least the retention, at least WATCH_MARK_MS), which the watcher renews
+# while it sees the folder (_WATCHED_KEEP), and cuts to the retention when the folder
+# has left the DTS area (_WATCHED_GONE): marks are bounded by the folders present plus
+# those removed within the retention (or WATCH_MARK_MS, for removals no watcher saw).
+# KEYS: the mark ; ARGV: prefix, job id, mark_ms
 _WATCHED_DONE = """
-local P, id = ARGV[1], ARGV[2]
-local key = P .. ':job:' .. id
-redis.call('SET', KEYS[1], id)
-if redis.call('EXISTS', key) == 1 then
-  redis.call('HSET', key, 'watched_key', KEYS[1])
-  local ttl = redis.call('PTTL', key)
-  if ttl > 0 then redis.call('PEXPIRE', KEYS[1], ttl) end
-else
-  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('SET', KEYS[1], ARGV[2], 'PX', tonumber(ARGV[3]))
+return 1
+"""
+
+# KEYS: the mark ; ARGV: prefix, mark_ms ; the folder is still there: keep its mark (or put back
+# one lost with Redis's data: this process knows the folder is done). A taker's mark
+# (``taking:…``) keeps its own short expiry.
+_WATCHED_KEEP = """
+local v = redis.call('GET', KEYS[1])
+if not v then
+  redis.call('SET', KEYS[1], 'done', 'PX', tonumber(ARGV[2]))
+elseif string.sub(v, 1, 7) ~= 'taking:' then
+  redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2]))
 end
+return 1
+"""
+
+# KEYS: the mark ; ARGV: prefix, retain_ms ; the folder has left the DTS area: its mark is
+# forgotten after the retention (a folder back within it is still not taken again).
+_WATCHED_GONE = """
+local v = redis.call('GET', KEYS[1])
+if not v or string.sub(v, 1, 7) == 'taking:' then return 0 end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 or ttl > tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
 return 1
 """
 
@@ -740,6 +762,8 @@ class Store:
         self.timeout = timeout
         #: ``[state] retention_days`` in ms: recorded on each job made here (``retain_ms``)
         self.retain_ms = max(1, int(retention_s * 1000))
+        #: how long a watcher's mark lives unrenewed (see :data:`_WATCHED_DONE`)
+        self.mark_ms = max(self.retain_ms, WATCH_MARK_MS)
         self.reactor = reactor
         self.errors = 0  # Redis errors and timeouts seen (for /metrics)
 
@@ -981,8 +1005,16 @@ class Store:
         return r not in (None, False)
 
     async def watched_done(self, source_rel: str, job_id: str) -> None:
-        """The folder's job exists: the mark names it, and is kept as long as that job is."""
-        await self._eval(_WATCHED_DONE, [self._key("watched", source_rel)], [job_id, str(self.retain_ms)])
+        """The folder's job exists: the mark names it for ``mark_ms``, however soon the job is forgotten."""
+        await self._eval(_WATCHED_DONE, [self._key("watched", source_rel)], [job_id, str(self.mark_ms)])
+
+    async def keep_watched(self, source_rel: str) -> None:
+        """The done folder is still in the DTS area: its mark lives ``mark_ms`` from now."""
+        await self._eval(_WATCHED_KEEP, [self._key("watched", source_rel)], [str(self.mark_ms)])
+
+    async def watched_gone(self, source_rel: str) -> None:
+        """The done folder has left the DTS area: its mark is forgotten after the retention."""
+        await self._eval(_WATCHED_GONE, [self._key("watched", source_rel)], [str(self.retain_ms)])
 
     async def trim(self, max_due: int = 1000, walk: int = 200) -> tuple[int, int]:
         """Drop index entries of forgotten jobs (see :data:`_TRIM`): (dropped, newly scheduled)."""

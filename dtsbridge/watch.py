@@ -19,6 +19,18 @@ nothing), and the job is created under the
 folder key that a later ``/complete_transfer`` for the same user and folder
 finds (so that call answers 200 with the same ``job_id``). A manifest that
 cannot be used fails its job with a reason; it never stops the watcher.
+
+The mark outlives the job (see ``store._WATCHED_DONE``): it lasts at least
+``WATCH_MARK_MS`` (30 days, or the retention if longer), renewed once a day
+and at each start while the watcher sees the folder, and cut to the retention
+when the folder leaves the DTS area. So a folder is not delivered again after
+its job was forgotten and the service restarted.
+
+A folder whose name is not valid UTF-8 (possible on Linux; DTS mirrors source
+names) cannot be a job's ``subdirectory``: it gets one ERROR job
+(``bad_request``) whose ``subdirectory`` spells the bad bytes as ``\\xNN``,
+under a mark of its own (``/`` + that spelling: no real folder's mark begins
+with ``/``), and never stops the pass.
 """
 
 from __future__ import annotations
@@ -39,6 +51,22 @@ from dtsbridge.model import Status, now_iso
 from dtsbridge.store import StoreUnavailable
 
 MANIFEST = "manifest.json"
+#: how often the watcher renews the mark of a done folder it still sees (seconds)
+KEEP_EVERY = 86400.0
+
+
+def shown(rel: str) -> str:
+    """``rel`` as valid text: bytes that are not UTF-8 (surrogate-escaped by ``os``) spelt ``\\xNN``."""
+    return os.fsencode(rel).decode("utf-8", "backslashreplace")
+
+
+def mark_name(rel: str) -> str:
+    """The folder's name in the watcher's mark: itself, or for a name that is not UTF-8, ``/`` + its spelling."""
+    try:
+        rel.encode("utf-8")
+        return rel
+    except UnicodeEncodeError:
+        return "/" + shown(rel)
 
 
 def find_manifests(dts_root: str) -> dict[str, tuple[int, int]]:
@@ -93,7 +121,9 @@ class WatchService(Service):
         self.clock = clock
         self.cfg = bridge.config
         self.seen: dict[str, tuple[tuple[int, int], float]] = {}
-        self.done: set[str] = set()
+        #: folders this process knows are done -> when it last renewed their mark (clock)
+        self.done: dict[str, float] = {}
+        self.failed: set[str] = set()  # folders whose last take raised (logged once)
         self._loop: Periodic | None = None
         self._busy = False
 
@@ -125,8 +155,15 @@ class WatchService(Service):
             return []
         now = self.clock()
         queued = []
+        store = self.bridge.store
         for rel, sig in found.items():
             if rel in self.done:
+                if now - self.done[rel] >= KEEP_EVERY:
+                    try:
+                        await store.keep_watched(mark_name(rel))
+                    except StoreUnavailable:
+                        return queued
+                    self.done[rel] = now
                 continue
             prev = self.seen.get(rel)
             if prev is None or prev[0] != sig:
@@ -139,15 +176,32 @@ class WatchService(Service):
                 taken = await self.take(rel)
             except StoreUnavailable:
                 return queued
+            except Exception as e:  # noqa: BLE001 -- one folder's trouble never keeps the pass from the others
+                if rel not in self.failed:
+                    self.failed.add(rel)
+                    self.log.failure("watcher: {folder} failed; it is tried again each pass (logged once)",
+                                     folder=shown(rel))
+                else:
+                    self.log.debug("watcher: {folder} failed again: {e!r}", folder=shown(rel), e=e)
+                continue
+            self.failed.discard(rel)
             if taken is None:
                 continue  # another process is making its job right now: look again next pass
             if taken:
                 queued.append(rel)
-            self.done.add(rel)
+            self.done[rel] = now
             self.seen.pop(rel, None)
         for rel in list(self.seen):
             if rel not in found:
                 del self.seen[rel]
+        self.failed &= set(found)
+        for rel in list(self.done):
+            if rel not in found:  # left the DTS area (delete_source, DTS's cleanup): forget it in time
+                try:
+                    await store.watched_gone(mark_name(rel))
+                except StoreUnavailable:
+                    return queued
+                del self.done[rel]
         return queued
 
     async def take(self, rel: str) -> bool | None:
@@ -157,11 +211,17 @@ class WatchService(Service):
         process is taking it right now (its mark expires if that process dies).
         """
         store = self.bridge.store
-        mark = await store.watched(rel)
+        name = mark_name(rel)
+        mark = await store.watched(name)
         if mark is not None:
-            return None if mark.startswith("taking:") else False
-        if not await store.mark_watched(rel, self.bridge.holder):
+            if mark.startswith("taking:"):
+                return None
+            await store.keep_watched(name)  # done before (a restart, another process): still here, still done
+            return False
+        if not await store.mark_watched(name, self.bridge.holder):
             return None
+        if name != rel:
+            return await self.refuse_name(rel, name)
         parts = rel.split("/")
         # The DTS layout, <username>/dts-<uuid>: the folder says whose transfer it is.
         folder_user = parts[0] if len(parts) == 2 and parts[1].startswith("dts-") else None
@@ -198,6 +258,25 @@ class WatchService(Service):
             if isinstance(e, _Later):
                 return None
             raise
+        return True
+
+    async def refuse_name(self, rel: str, name: str) -> bool:
+        """One ERROR job for a folder whose name is not UTF-8 (taken under ``name``)."""
+        parts = rel.split("/")
+        user = parts[0] if len(parts) == 2 and parts[1].startswith("dts-") and mark_name(parts[0]) == parts[0] else ""
+        e = RequestError(400, f"the folder's name {shown(rel)!r} is not valid UTF-8; it cannot be completed "
+                              f"(rename it in the DTS area)", reason=errors.BAD_REQUEST)
+        try:
+            job_id = await self.record_failure(shown(rel), user, e)
+            await self.bridge.store.watched_done(name, job_id)
+        except BaseException:
+            try:
+                await self.bridge.store.unmark_watched(name)
+            except StoreUnavailable:
+                pass
+            raise
+        self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=shown(rel),
+                      msg=e.message, job_id=job_id)
         return True
 
     async def record_failure(self, rel: str, user: str, e: RequestError) -> str:

@@ -689,3 +689,43 @@ def test_watch_takes_a_folder_whose_taker_died(bridges, redis_proc) -> None:
     # kept as long as its job is ([state] retention_days, 30 by default), then forgotten with it
     assert 29 * 86400 < int(redis_proc.cli("TTL", f"{PREFIX}:watched:{rel}")) <= 30 * 86400
     assert tree_of(b.user_root / "alice" / rel.split("/")[1]) == tree_of(src)
+
+
+@pytest.mark.timeout(180)
+def test_watch_non_utf8_folder_names_get_one_error_job_and_never_block_others(bridges, redis_proc) -> None:
+    """A DTS folder named with bytes that are not UTF-8 (b'\\xff'): it cannot be a job's subdirectory nor a
+    Redis key as such; it gets one ERROR job (its name spelt \\xff) and the good folders after it go through."""
+    b = bridges(WATCH, start=False)
+    area = os.fsencode(b.dts_root / "alice")
+    os.makedirs(area)
+    bad = [b"dts-%d-\xff" % i for i in range(4)] + [b"dts-4-\xc3("]  # a lone byte, a broken sequence
+    for name in bad:
+        os.makedirs(area + b"/" + name)
+        open(area + b"/" + name + b"/a.txt", "wb").write(b"hello")
+        open(area + b"/" + name + b"/manifest.json", "wb").write(b'{"username": "alice", "resources": []}')
+    good = [dts_transfer(b.dts_root) for _ in range(4)]
+    b.start()
+    for rel, src in good:
+        s = watched_job(b, rel, {"SUCCESS", "ERROR"})
+        assert s["status"] == "SUCCESS", s
+        assert tree_of(b.user_root / "alice" / rel.split("/")[1]) == tree_of(src)
+    shown = {"alice/" + n.decode("utf-8", "backslashreplace") for n in bad}
+    assert "alice/dts-4-\\xc3(" in shown
+
+    def refused() -> dict[str, dict[str, Any]] | None:
+        js = [j for j in b.call("GET", "/jobs?limit=1000", token=DTS_TOKEN).json()["jobs"]
+              if j["subdirectory"] in shown]
+        return {j["subdirectory"]: j for j in js} if len(js) >= len(bad) else None
+    found = wait_for(refused, 30, "an ERROR job for each non-UTF-8 folder", 0.2)
+    for j in found.values():
+        assert j["status"] == "ERROR" and j["reason"] == "bad_request" and "not valid UTF-8" in j["detailed_status"], j
+        assert j["submitter"] == "watcher" and j["target_user"] == "alice", j
+    time.sleep(2)  # more passes, then a restart: still one job per folder
+    b.stop()
+    b.start()
+    time.sleep(3)
+    js = [j for j in b.call("GET", "/jobs?limit=1000", token=DTS_TOKEN).json()["jobs"]]
+    assert sorted(j["subdirectory"] for j in js) == sorted(shown | {rel for rel, _ in good}), js
+    assert sorted(os.listdir(b.user_root / "alice")) == sorted(rel.split("/")[1] for rel, _ in good)
+    assert "InvalidData" not in b.log_text() and "Traceback" not in b.log_text(), b.log_tail()
+    assert b.log_text().count("is not valid UTF-8") == len(bad), b.log_tail()

@@ -11,6 +11,7 @@ published job, and that exits with Redis down.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 import urllib.parse
 from pathlib import Path
@@ -88,8 +89,11 @@ def test_retention_forgets_ended_jobs_and_everything_naming_them(services, redis
     assert ids <= listed
     made = job_keys(redis_keys(redis_proc))
     assert any(k.startswith(f"{P}:watched:") for k in made) and any(k.startswith(f"{P}:folder:") for k in made)
-    for k in made:  # every key naming an ended job expires with it
-        assert 0 < int(redis_proc.cli("PTTL", k)) <= 4000, k
+    for k in made:  # every key naming an ended job expires with it, but the watcher's marks (see below)
+        if k.startswith(f"{P}:watched:"):
+            assert int(redis_proc.cli("PTTL", k)) > 29 * 86400 * 1000, k
+        else:
+            assert 0 < int(redis_proc.cli("PTTL", k)) <= 4000, k
 
     # four seconds later: forgotten, and nothing is left of them in Redis
     def forgotten() -> bool:
@@ -99,7 +103,9 @@ def test_retention_forgets_ended_jobs_and_everything_naming_them(services, redis
     # the index entries go at the next housekeeping tick (every second)
     wait_until(lambda: redis_proc.cli("EXISTS", f"{P}:jobs", f"{P}:expiring") == "0", 5, "the index to be trimmed")
     left = redis_keys(redis_proc)
-    assert job_keys(left) == set(), left
+    # the watcher's marks of the folders still in the DTS area stay (they are never delivered twice)
+    assert job_keys(left) == {f"{P}:watched:alice/dts-w1", f"{P}:watched:nobody/dts-w2"}, left
+    left -= job_keys(left)
     # what remains is the service's own bookkeeping (the trim cursor, the events stream, which
     # is trimmed by age): no key is about one of the forgotten jobs
     assert not [k for k in left for j in ids if j in k], left
@@ -111,6 +117,39 @@ def test_retention_forgets_ended_jobs_and_everything_naming_them(services, redis
     assert again.json()["job_id"] != first.json()["job_id"] and again.json()["path"] == "/alice/kept-1"
     # while the watcher that took a folder still runs, it does not take it again
     assert not [j for j in jobs_listed(b) if j.get("submitter") == "watcher"]
+    # once the folders leave the DTS area, their marks are forgotten after the retention too
+    shutil.rmtree(b.dts_root / "alice" / "dts-w1")
+    shutil.rmtree(b.dts_root / "nobody" / "dts-w2")
+    wait_until(lambda: not job_keys(redis_keys(redis_proc)) - {f"{P}:folder:alice:kept"}, 15,
+               "the watcher's marks to be forgotten", b.log_tail, interval=0.3)
+
+
+def test_watched_folder_is_not_delivered_again_after_retention_and_restart(services, redis_proc: RedisProcess) -> None:
+    """Its job is forgotten after [state] retention_days, but the folder stays in the DTS area (delete_source
+    false, the default): a restarted watcher (with no memory) must not deliver it again as <name>-1."""
+    b = services({"state": {"retention_days": f"{3 / 86400:.10f}"}, "watch": WATCH})
+    rel = "alice/dts-0b6c2f1e-0000-4000-8000-000000000001"
+    make_tree(b.dts_root / rel, {"a.txt": b"hello"})
+    (b.dts_root / rel / "manifest.json").write_text('{"username": "alice", "resources": []}')
+    bad = b.dts_root / "nobody" / "dts-refused"  # and a refused folder keeps its one ERROR job
+    make_tree(bad, {"a.txt": b"x"})
+    (bad / "manifest.json").write_bytes(b"")
+
+    def watched() -> list[dict[str, Any]]:
+        js = [j for j in jobs_listed(b) if j.get("submitter") == "watcher" and j["status"] in ("SUCCESS", "ERROR")]
+        return js if len(js) == 2 else []
+    first = wait_until(watched, 30, "the watched folders' jobs", b.log_tail)
+    assert {j["status"] for j in first} == {"SUCCESS", "ERROR"}, first
+    wait_until(lambda: not jobs_listed(b), 20, "the jobs to be forgotten", b.log_tail, interval=0.3)
+    for round_ in range(2):  # a restart after the retention, then another one
+        b.stop()
+        b.start()
+        time.sleep(3)  # several passes (0.3 s) after the settle time (0.5 s)
+        assert not jobs_listed(b), f"round {round_}: {jobs_listed(b)}"
+        assert sorted(os.listdir(b.user_root / "alice")) == [rel.split("/")[1]]
+        assert not (b.user_root / "nobody").exists()
+    mark = f"{P}:watched:{rel}"
+    assert int(redis_proc.cli("PTTL", mark)) > 29 * 86400 * 1000  # renewed by the restarted watcher
 
 
 def test_redis_stays_flat_over_many_jobs(services, redis_proc: RedisProcess) -> None:

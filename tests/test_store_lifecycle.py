@@ -14,12 +14,13 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from dtsbridge.store import Store, connect
+from dtsbridge.store import WATCH_MARK_MS, Store, connect
 from tests.redis_fixture import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)
 
 P = "t"
+MARK = WATCH_MARK_MS  # a watcher's mark of a done folder lives this long unrenewed (retention is shorter here)
 T = "2026-01-01T00:00:00.000Z"
 
 
@@ -52,17 +53,19 @@ async def test_every_way_of_ending_forgets_the_job_and_what_names_it(redis_proc:
     store = new_store(redis_proc, 1.5)
     try:
         ended: list[str] = []
-        # (a) a copy that succeeds: job, folder key and watcher mark expire together
+        # (a) a copy that succeeds: job and folder key expire together; the watcher's mark
+        # outlives them (the folder may stay in the DTS area: it must not be delivered again)
         a = str(uuid.uuid4())
         fa = store.folder_key("alice", "alice/dts-a")
         assert await store.create_job(a, fields(), folder_key=fa) == (True, a)
         await store.watched_done("alice/dts-a", a)
         assert pttl(redis_proc, f"{P}:job:{a}") == -1  # live: kept
-        assert pttl(redis_proc, f"{P}:watched:alice/dts-a") == -1
+        assert MARK - 5000 < pttl(redis_proc, f"{P}:watched:alice/dts-a") <= MARK
         assert await store.claim("tok-a", "h:1", 30, T) == a
         assert await store.finish(a, "tok-a", "SUCCESS", T, {"path": "/alice/dts-a"}) == "SUCCESS"
-        for key in (f"{P}:job:{a}", fa, f"{P}:watched:alice/dts-a"):
+        for key in (f"{P}:job:{a}", fa):
             assert 0 < pttl(redis_proc, key) <= 1500, key
+        assert MARK - 5000 < pttl(redis_proc, f"{P}:watched:alice/dts-a") <= MARK
         ended.append(a)
         # (b) cancelled while queued
         b = str(uuid.uuid4())
@@ -87,6 +90,8 @@ async def test_every_way_of_ending_forgets_the_job_and_what_names_it(redis_proc:
         await store.create_job(e, fields(status="ERROR", reason="user_not_found"), enqueue=False)
         await store.watched_done("nobody/dts-e", e)
         assert 0 < pttl(redis_proc, f"{P}:job:{e}") <= 1500
+        assert MARK - 5000 < pttl(redis_proc, f"{P}:watched:nobody/dts-e") <= MARK
+        await store.watched_gone("nobody/dts-e")  # the folder left the DTS area: forgotten after the retention
         assert 0 < pttl(redis_proc, f"{P}:watched:nobody/dts-e") <= 1500
         ended.append(e)
         # (f) cancelled while a worker holds it: kept until the worker lets go
@@ -112,7 +117,8 @@ async def test_every_way_of_ending_forgets_the_job_and_what_names_it(redis_proc:
         left = keys(redis_proc)
         assert not any(j in k for j in ended for k in left), left
         assert f"{P}:folder:alice:alice/dts-a" not in left
-        assert not any(k.startswith(f"{P}:watched:") for k in left), left
+        # the marks: of a folder gone from the DTS area, forgotten; of one still there, kept
+        assert [k for k in left if k.startswith(f"{P}:watched:")] == [f"{P}:watched:alice/dts-a"], left
         assert f"{P}:job:{live}" in left and fb in left
         for j in ended:
             assert await store.get_job(j) is None
@@ -179,6 +185,7 @@ async def test_memory_stays_bounded_over_many_jobs(redis_proc: RedisProcess) -> 
                                        folder_key=store.folder_key("alice", f"alice/{tag}-{i}"), enqueue=False)
                 await store.cancel(j, T, "cancelled")
                 await store.watched_done(f"alice/{tag}-{i}", j)
+                await store.watched_gone(f"alice/{tag}-{i}")  # (delete_source, or DTS's cleanup)
 
         await round_of(500, "r1")
         assert len(keys(redis_proc)) >= base_keys + 1500
@@ -238,5 +245,37 @@ async def test_release_and_recover_keep_the_publish_record(redis_proc: RedisProc
         assert await store.release(j, "tok2", "again") == "lost"
         assert (await store.get_job(j)).status.value == "SUBMITTED"
         assert await store.cancel(j, T, "cancel") == "OK"
+    finally:
+        await store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_watcher_mark_outlives_its_job_and_is_renewed_while_the_folder_is_there(redis_proc: RedisProcess) -> None:
+    store = new_store(redis_proc, 0.5)
+    try:
+        j = str(uuid.uuid4())
+        await store.create_job(j, fields(status="ERROR", reason="bad_request"), enqueue=False)
+        key = f"{P}:watched:alice/dts-k"
+        assert await store.mark_watched("alice/dts-k", "h:1")
+        assert 0 < pttl(redis_proc, key) <= 300_000  # a taker's mark: short
+        await store.keep_watched("alice/dts-k")  # never lengthens a taker's mark
+        assert 0 < pttl(redis_proc, key) <= 300_000
+        await store.watched_gone("alice/dts-k")  # nor cuts it
+        assert 300_000 - 5000 < pttl(redis_proc, key) <= 300_000
+        await store.watched_done("alice/dts-k", j)
+        await sleep(0.8)
+        await store.trim()
+        assert await store.get_job(j) is None  # the job is forgotten ...
+        assert await store.watched("alice/dts-k") == j  # ... its folder's mark is not
+        redis_proc.cli("PEXPIRE", key, "60000")
+        await store.keep_watched("alice/dts-k")  # renewed while the watcher sees the folder
+        assert MARK - 5000 < pttl(redis_proc, key) <= MARK
+        redis_proc.cli("DEL", key)
+        await store.keep_watched("alice/dts-k")  # lost with Redis's data: put back (the watcher knows)
+        assert await store.watched("alice/dts-k") == "done" and MARK - 5000 < pttl(redis_proc, key)
+        await store.watched_gone("alice/dts-k")
+        assert 0 < pttl(redis_proc, key) <= 500
+        await sleep(0.6)
+        assert await store.watched("alice/dts-k") is None
     finally:
         await store.close()
