@@ -13,6 +13,7 @@ a lost host) puts the job back in the queue for whoever is alive.
 
 from __future__ import annotations
 
+import concurrent.futures
 import hashlib
 import hmac
 import os
@@ -134,6 +135,25 @@ class Running:
     lost: bool = False
     moved: float = 0.0  # time.monotonic() of the engine's last progress report (0: started)
     ended: str | None = None  # the job ended while its copy still runs (stalled, timeout, cancel)
+    ended_at: float = 0.0  # time.monotonic() when it was so ended
+    widened: bool = False  # the file executor was widened for its possibly stuck threads
+
+
+#: a copy thread still busy this long after its job ended is reported stuck (/healthz)
+STUCK_AFTER = 5.0
+
+
+class SpareExecutor(concurrent.futures.ThreadPoolExecutor):
+    """The file-copy thread pool, ``[copy] threads`` wide, widened while ended copies may hold stuck threads.
+
+    A ThreadPoolExecutor starts threads lazily up to ``_max_workers`` (CPython), so raising it
+    lets new work run beside threads stuck in a hung read; lowering it again only stops new
+    threads from being made (idle ones stay and serve).
+    """
+
+    def widen(self, n: int) -> None:
+        with self._shutdown_lock:
+            self._max_workers = max(1, self._max_workers + n)
 
 
 def hash_code(code: str) -> str:
@@ -472,6 +492,37 @@ class Bridge:
 
     # -- the worker ------------------------------------------------------
 
+    def copies(self) -> int:
+        """Copies that hold one of the ``[copy] max_jobs`` slots: running ones whose job has not ended.
+
+        A job ended while its thread is still busy (stalled in a hung read, timed out) frees
+        its slot at once; its thread, until it returns, still counts in :meth:`max_threads`.
+        """
+        return sum(1 for r in self.running.values() if r.ended is None)
+
+    def max_threads(self) -> int:
+        """Copy threads at most, stuck ones included: ``2 * max_jobs`` (the thread pool has
+        ``2 * max_jobs + 4``, so the requests' own blocking calls always find a thread)."""
+        return 2 * self.config.max_jobs
+
+    def stuck(self, after: float = STUCK_AFTER) -> list[Running]:
+        """Copies whose job ended more than ``after`` seconds ago but whose thread has not returned."""
+        now = time.monotonic()
+        return [r for r in self.running.values() if r.ended is not None and now - r.ended_at >= after]
+
+    def _ended(self, run: Running, status: str) -> None:
+        """``run``'s job ended while its copy still runs: its slot is free for the next job at once.
+
+        Its threads may stay stuck in the kernel (a hung read): the shared file executor gets
+        ``[copy] threads`` more workers until this copy returns, so the next jobs' files are not
+        queued behind the stuck ones.
+        """
+        run.ended, run.ended_at = status, time.monotonic()
+        if not run.widened and isinstance(self.executor, SpareExecutor):
+            self.executor.widen(self.config.threads)
+            run.widened = True
+        self._claim_soon()
+
     def _claim_soon(self) -> None:
         if not self._claiming:
             ensureDeferred(self._claim_loop())
@@ -480,7 +531,7 @@ class Bridge:
         self._claiming = True
         try:
             while (not self.draining and not self.halt_when_idle
-                   and len(self.running) < self.config.max_jobs):
+                   and self.copies() < self.config.max_jobs and len(self.running) < self.max_threads()):
                 token = secrets.token_hex(8)
                 try:
                     job_id = await self.store.claim(token, self.holder, self.config.lease_seconds, now_iso(),
@@ -555,6 +606,8 @@ class Bridge:
                               detail=fields.get("detailed_status", ""))
         finally:
             self.running.pop(job_id, None)
+            if run.widened and isinstance(self.executor, SpareExecutor):
+                self.executor.widen(-self.config.threads)
             self.metrics.in_flight.set(len(self.running))
             self._notify(job_id)
             self._claim_soon()
@@ -730,7 +783,7 @@ class Bridge:
                 run.stop.set()
             elif st in ("CANCELLED", "ERROR", "SUCCESS"):  # cancelled, timed out or given up
                 if run.ended is None and st != "CANCELLED":
-                    run.ended = st
+                    self._ended(run, st)
                 run.stop.set()
         steps = [self._recover_lapsed, self._sweep_staging, self._sweep_deadlines, self.store.trim,
                  self._refresh_counts]
@@ -771,7 +824,8 @@ class Bridge:
             self.metrics.jobs_finished.labels("ERROR", errors.TIMEOUT).inc()
             run = self.running.get(job_id)
             if run is not None:
-                run.ended = "ERROR"
+                if run.ended is None:
+                    self._ended(run, "ERROR")
                 run.stop.set()
             self._notify(job_id)
 
@@ -803,7 +857,7 @@ class Bridge:
                 return
             run.stop.set()
             if ok:
-                run.ended = "ERROR"
+                self._ended(run, "ERROR")
                 self.log.warn("job {job_id} {detail}", job_id=run.job_id, detail=detail)
                 self.metrics.jobs_finished.labels("ERROR", errors.STALLED).inc()
                 self.metrics.job_seconds.labels("ERROR").observe(now - run.started)

@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import sys
+import time
 from typing import Any
 
 from twisted.application import service, strports
@@ -36,7 +37,7 @@ from twisted.python import threadpool, usage
 from twisted.web.server import Site
 
 from dtsbridge import __version__, auth, config as configmod
-from dtsbridge.core import Bridge
+from dtsbridge.core import Bridge, SpareExecutor
 from dtsbridge.metrics import Metrics
 from dtsbridge.store import Store, StoreUnavailable, connect
 
@@ -258,6 +259,13 @@ def make_health(cfg: configmod.Config, store: Store, bridge: Bridge, run_in_thre
         problems: list[str] = []
         if bridge.draining:
             problems.append("draining: the process is shutting down")
+        stuck = bridge.stuck()
+        if stuck:
+            now = time.monotonic()
+            problems.append(f"{len(stuck)} copy thread(s) stuck in ended jobs (a hung read?): "
+                            + ", ".join(f"{r.job_id} for {now - r.ended_at:.0f} s" for r in stuck))
+            if len(bridge.running) >= bridge.max_threads():
+                problems.append("no copy can start: the copy threads are all taken by stuck ones")
         try:
             d = defer.ensureDeferred(store.ping())
             await d
@@ -329,8 +337,10 @@ def makeService(options: Options) -> service.IService:
     if cfg.log_format == "json":
         top.log_observer = json_log_observer()
 
-    pool = threadpool.ThreadPool(minthreads=2, maxthreads=cfg.max_jobs + 4, name="dtsbridge-copy")
-    executor = concurrent.futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
+    # 2 * max_jobs + 4: the copies of jobs that ended while their thread is stuck (a hung read)
+    # may hold up to max_jobs threads without keeping the next jobs from running (Bridge.max_threads)
+    pool = threadpool.ThreadPool(minthreads=2, maxthreads=2 * cfg.max_jobs + 4, name="dtsbridge-copy")
+    executor = SpareExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
     ThreadPoolService(pool, executor).setServiceParent(top)
 
     def run_in_thread(f, *args: Any, **kwargs: Any):

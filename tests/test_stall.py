@@ -126,17 +126,51 @@ def test_a_read_stuck_in_the_kernel_ends_the_job_stalled_and_leaves_nothing(tmp_
         assert "no bytes moved" in job["detailed_status"], job
         assert tracer.proc.poll() is None, "strace let go too early: the thread was not stuck throughout"
         assert leftovers(svc.user_root), "the stuck thread's folder went away although the thread never returned"
-        assert svc.call("GET", "/healthz").status == 200
+        # an operator sees the stuck thread: /healthz is 503 naming the job (5 s after it ended)
+        r = wait_until(lambda: (lambda r: r if r.status == 503 else None)(svc.call("GET", "/healthz")), 15,
+                       "/healthz to report the stuck copy thread", svc.log_tail)
+        assert any("stuck" in p and job_id in p for p in r.json()["problems"]), r
     finally:
         tracer.stop()
     # The thread comes back, sees the job is over and removes its temporary folder.
     wait_until(lambda: not leftovers(svc.user_root), 20, "the temporary folder to be removed", svc.log_tail)
+    wait_until(lambda: svc.call("GET", "/healthz").status == 200, 10, "/healthz to be 200 again", svc.log_tail)
     assert sorted(os.listdir(svc.user_root / "alice")) == []
     assert svc.status(job_id).json()["status"] == "ERROR"
     # And the service copies the same folder again once the disk is well.
     r = svc.complete("alice", "hung")
     assert r.status == 201, r
     assert (svc.user_root / "alice" / "hung" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+@pytest.mark.timeout(150)
+def test_a_stalled_job_frees_its_slot_while_its_thread_stays_stuck(tmp_path: Path, redis_proc: RedisProcess,
+                                                                  services) -> None:
+    """max_jobs = 1: the job after a stalled one runs (and succeeds) while the stalled one's thread is still
+    stuck in the kernel; /healthz reports the stuck thread meanwhile."""
+    svc = services({"copy": {"stall_seconds": "2", "processes": "0", "max_jobs": "1", "threads": "1"}}, start=False)
+    src = make_tree(svc.dts_root / "hung", {"big.bin": os.urandom(3 * 1024 * 1024)})
+    nxt = make_tree(svc.dts_root / "next", {"a.bin": os.urandom(300_000), "b.txt": b"b" * 100})
+    svc.start()
+    tracer = Strace(tmp_path, svc.proc.pid, src / "big.bin", delay_us=120_000_000)
+    try:
+        j0 = svc.complete("alice", "hung", asynchronous=True).json()["job_id"]
+        s0 = svc.wait_status(j0, {"ERROR", "SUCCESS"}, timeout=30)
+        assert s0["status"] == "ERROR" and s0["reason"] == "stalled", s0
+        t = time.monotonic()
+        r = svc.complete("alice", "next", timeout=60)
+        assert r.status == 201, r
+        assert time.monotonic() - t < 15, "the next job waited for the stuck thread"
+        assert (svc.user_root / "alice" / "next" / "a.bin").read_bytes() == (nxt / "a.bin").read_bytes()
+        r = wait_until(lambda: (lambda r: r if r.status == 503 else None)(svc.call("GET", "/healthz")), 15,
+                       "/healthz to report the stuck copy thread", svc.log_tail)
+        assert any("stuck" in p and j0 in p for p in r.json()["problems"]), r
+        assert tracer.proc.poll() is None, "strace let go too early: the thread was not stuck throughout"
+    finally:
+        tracer.stop()
+    wait_until(lambda: svc.call("GET", "/healthz").status == 200, 20, "/healthz to be 200 again", svc.log_tail)
+    assert sorted(os.listdir(svc.user_root / "alice")) == ["next"]
+    assert not leftovers(svc.user_root)
 
 
 @pytest.mark.timeout(150)
