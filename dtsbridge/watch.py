@@ -264,7 +264,7 @@ class WatchService(Service):
         """One ERROR job for a folder whose name is not UTF-8 (taken under ``name``)."""
         parts = rel.split("/")
         user = parts[0] if len(parts) == 2 and parts[1].startswith("dts-") and mark_name(parts[0]) == parts[0] else ""
-        e = RequestError(400, f"the folder's name {shown(rel)!r} is not valid UTF-8; it cannot be completed "
+        e = RequestError(400, f"the folder's name '{shown(rel)}' is not valid UTF-8; it cannot be completed "
                               f"(rename it in the DTS area)", reason=errors.BAD_REQUEST)
         try:
             job_id = await self.record_failure(shown(rel), user, e)
