@@ -87,7 +87,7 @@ async def real_sleep(seconds: float) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_housekeeping_survives_any_redis_error(redis_proc: RedisProcess, tmp_path: Path) -> None:
-    cfg = configmod.load(None, {"paths": {"dts_root": str(tmp_path), "user_root": str(tmp_path)},
+    cfg = configmod.load(None, {"paths": {"dts_root": str(tmp_path / "dts"), "user_root": str(tmp_path / "users")},
                                 "redis": {"url": redis_proc.url}, "copy": {"lease_seconds": "30"}}, environ={})
     store = Store(connect(redis_proc.url), prefix="pt", timeout=5, retention_s=60)
     clock = Clock()
