@@ -257,8 +257,8 @@ class Notifier(service.Service):
         done.addTimeout(SEND_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: sink.drop())
         try:
             await done
-        except Exception:  # noqa: BLE001 - the status is what counts
-            pass
+        except Exception:  # noqa: BLE001 - the status is what counts (cancelled: stopping)
+            sink.drop()
 
     async def _retry(self, member: str, delay_ms: int, error: str) -> None:
         try:
