@@ -13,6 +13,8 @@ from typing import Mapping
 
 import attrs
 
+from dtsbridge.engine import CHECKSUMS
+
 
 class ConfigError(Exception):
     """The configuration cannot be used; the message names the key."""
@@ -61,7 +63,6 @@ DEFAULTS: dict[str, dict[str, str]] = {
                "retry_first_seconds": "10"},
 }
 
-CHECKSUMS = ("xxh3", "blake3", "sha256", "md5")
 
 
 @attrs.frozen

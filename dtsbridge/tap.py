@@ -19,7 +19,6 @@ per line on standard output (:func:`json_log_observer`).
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime
 import json
 import os
@@ -36,7 +35,7 @@ from twisted.logger import ILogObserver, Logger, formatEvent
 from twisted.python import threadpool, usage
 from twisted.web.server import Site
 
-from dtsbridge import __version__, auth, config as configmod
+from dtsbridge import __version__, auth, config as configmod, engine
 from dtsbridge.core import Bridge, SpareExecutor
 from dtsbridge.metrics import Metrics
 from dtsbridge.store import Store, StoreUnavailable, connect
@@ -135,10 +134,15 @@ def json_log_observer(out=None):
     return observe
 
 
+class ServiceExecutor(SpareExecutor, engine.CopyExecutor):
+    """The service's file threads (widened while ended copies may hold stuck ones: SpareExecutor)
+    and its copy worker processes (engine.CopyExecutor)."""
+
+
 class ThreadPoolService(service.Service):
     """Starts and stops the thread pool that runs all blocking work."""
 
-    def __init__(self, pool: threadpool.ThreadPool, executor: concurrent.futures.Executor) -> None:
+    def __init__(self, pool: threadpool.ThreadPool, executor: engine.CopyExecutor) -> None:
         self.pool = pool
         self.executor = executor
 
@@ -149,12 +153,11 @@ class ThreadPoolService(service.Service):
     def stopService(self):
         super().stopService()
         self.executor.shutdown(wait=False, cancel_futures=True)
-        from dtsbridge.engine import shutdown_workers
 
         def stop() -> None:
             # The copy worker processes, if any were started: joined, so their queues
             # are released before exit (else multiprocessing warns of leaked semaphores).
-            shutdown_workers(wait=True)
+            self.executor.processes.shutdown(wait=True)
             self.pool.stop()
 
         # ThreadPool.stop() joins its threads: do it off the reactor thread.
@@ -340,7 +343,8 @@ def makeService(options: Options) -> service.IService:
     # 2 * max_jobs + 4: the copies of jobs that ended while their thread is stuck (a hung read)
     # may hold up to max_jobs threads without keeping the next jobs from running (Bridge.max_threads)
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=2 * cfg.max_jobs + 4, name="dtsbridge-copy")
-    executor = SpareExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
+    # Threads for files (widened for stuck copies), and the copy worker processes (started on first use).
+    executor = ServiceExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
     ThreadPoolService(pool, executor).setServiceParent(top)
 
     def run_in_thread(f, *args: Any, **kwargs: Any):

@@ -32,8 +32,8 @@ def resolver(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     if request.param == "fallback":
         def forbidden(*a: object) -> int:
             raise AssertionError("openat2 used in fallback mode")
-        monkeypatch.setattr(engine, "USE_OPENAT2", False)
-        monkeypatch.setattr(engine, "_openat2", forbidden)
+        monkeypatch.setattr(engine.beneath, "USE_OPENAT2", False)
+        monkeypatch.setattr(engine.beneath, "_openat2", forbidden)
     return request.param
 
 
@@ -748,7 +748,7 @@ def test_manifest_mismatch(env: Env, resolver: str, case: str) -> None:
 
 def test_manifest_too_large(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     manifest_src(env, [])
-    monkeypatch.setattr(engine, "MANIFEST_MAX_BYTES", 10)
+    monkeypatch.setattr(engine.manifest, "MANIFEST_MAX_BYTES", 10)
     with raises(E.MANIFEST_MISMATCH):
         env.copy()
 

@@ -337,13 +337,11 @@ def test_worker_processes_never_write_into_a_replacement_temp(env: Env) -> None:
             env.temp().mkdir()                          # a real folder at the temp's name
         return False
 
-    try:
+    with engine.CopyExecutor(2) as ex:  # the service's executor: its worker processes stop with it
         with untouched_outside(env):
             with raises(E.UNSAFE_DESTINATION):
                 env.copy(options=CopyOptions(fsync=False, processes=2, workers=2), should_stop=should_stop,
-                         before_publish=lambda *a: fenced.append(1) or True)
-    finally:
-        engine.shutdown_workers(wait=True)
+                         before_publish=lambda *a: fenced.append(1) or True, executor=ex)
     assert done
     assert fenced == [], "the workers' own check must stop the job (threads would only fail at publish)"
     assert os.listdir(env.temp()) == [], "a worker wrote into the look-alike"
@@ -403,11 +401,10 @@ def test_file_swapped_for_fifo_after_scan_never_blocks(env: Env, processes: int)
         os.unlink(src / "b.txt")
         os.mkfifo(src / "b.txt")
 
-    try:
+    with engine.CopyExecutor(4) as ex:
         with raises(E.UNSAFE_ENTRY):
-            run_bounded(lambda: env.copy(on_plan=swap, options=CopyOptions(fsync=False, processes=processes)))
-    finally:
-        engine.shutdown_workers(wait=True)
+            run_bounded(lambda: env.copy(on_plan=swap, options=CopyOptions(fsync=False, processes=processes),
+                                         executor=ex))
     assert os.listdir(env.alice) == []
 
 
@@ -450,7 +447,7 @@ def test_target_subdir_flipping_into_a_link_during_jobs(env: Env) -> None:
 def test_manifest_grown_after_the_scan_is_read_only_up_to_the_bound(env: Env,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """The size check is on what is read, not on the scan's st_size: no unbounded read into memory."""
-    monkeypatch.setattr(engine, "MANIFEST_MAX_BYTES", 1000)
+    monkeypatch.setattr(engine.manifest, "MANIFEST_MAX_BYTES", 1000)
     src = env.src()
     (src / "manifest.json").write_bytes(b'{"resources": []}')
     ino = os.stat(src / "manifest.json").st_ino

@@ -172,7 +172,7 @@ def test_streaming_parse_reads_what_json_reads(env: Env, body: bytes) -> None:
 @pytest.mark.parametrize("chunk", [1, 7, 64, 4096])
 def test_streaming_parse_across_chunk_boundaries(env: Env, monkeypatch: pytest.MonkeyPatch, chunk: int) -> None:
     """Text read a few bytes at a time: numbers, strings, keys and UTF-8 characters cut anywhere."""
-    monkeypatch.setattr(engine, "MANIFEST_CHUNK", chunk)
+    monkeypatch.setattr(engine.manifest, "MANIFEST_CHUNK", chunk)
     files = {f"d{i % 3}/f{i}.txt": os.urandom(i * 37) for i in range(1, 30)}
     resources = [{"id": f"r{i}", "path": k, "bytes": len(v), "hash": hashlib.md5(v).hexdigest(), "n": 1234567 + i,
                   "f": 1.5e10, "t": True, "z": None, "description": "résumé ✓ 🧬 " * (i % 4)}
@@ -186,7 +186,7 @@ def test_streaming_parse_across_chunk_boundaries(env: Env, monkeypatch: pytest.M
 
 
 def test_streaming_parse_never_takes_half_a_number(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engine, "MANIFEST_CHUNK", 1)
+    monkeypatch.setattr(engine.manifest, "MANIFEST_CHUNK", 1)
     for chunks in (['{"resources": [], "n": 12', '34}'], ['{"resources": [], "n": 12', '34', '', '}'],
                    ['{"n": tr', 'ue, "resources": [{"bytes": 1', '0}]}']):
         seen: list[Any] = []

@@ -118,10 +118,8 @@ def test_files_are_cloned_and_verified(xenv: Env, processes: int) -> None:
     os.chmod(src / "mid.bin", 0o640)
     os.chmod(src / "small-0.txt", 0o4777)
     os.utime(src / "big.bin", ns=(1_600_000_000_000_000_000, 1_600_000_000_123_456_789))
-    try:
-        r = xenv.copy(options=CopyOptions(processes=processes, uid=1234, gid=5678))
-    finally:
-        engine.shutdown_workers(wait=True)
+    with engine.CopyExecutor(4) as ex:
+        r = xenv.copy(options=CopyOptions(processes=processes, uid=1234, gid=5678), executor=ex)
     dst = xenv.alice / "dts-1"
     assert tree_of(dst) == files
     nonempty = [rel for rel, data in files.items() if data]
@@ -215,10 +213,8 @@ def test_no_reflink_filesystem_copies(plainfs: Path, processes: int, monkeypatch
     env = Env(plainfs)
     src, files = fill(env)
     spy = Counting(monkeypatch)
-    try:
-        r = env.copy(options=CopyOptions(processes=processes))
-    finally:
-        engine.shutdown_workers(wait=True)
+    with engine.CopyExecutor(4) as ex:
+        r = env.copy(options=CopyOptions(processes=processes), executor=ex)
     assert tree_of(env.alice / "dts-1") == files
     assert r.files_cloned == 0
     assert spy.clones <= 1

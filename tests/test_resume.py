@@ -194,7 +194,7 @@ def test_durable_records_and_hashing(env: Env, monkeypatch: pytest.MonkeyPatch, 
     assert any("c" in m for m in marks) == (checkpoint is not None)
     hashed: list[int] = []
     real = engine._hash_fd
-    monkeypatch.setattr(engine, "_hash_fd", lambda fd, size, *a: hashed.append(size) or real(fd, size, *a))
+    monkeypatch.setattr(engine.journal, "_hash_fd", lambda fd, size, *a: hashed.append(size) or real(fd, size, *a))
     r = resume(env, old, options=CopyOptions(fsync=True))
     assert r.files_resumed > 0
     assert tree_of(env.alice / "dts-1") == tree_of(src)
@@ -361,10 +361,8 @@ def test_every_verified_file_is_journaled(env: Env, monkeypatch: pytest.MonkeyPa
     seen: list[tuple[Any, ...]] = []
     real = engine._Journal.add
     monkeypatch.setattr(engine._Journal, "add", lambda self, recs, *a: seen.extend(recs) or real(self, recs, *a))
-    try:
-        env.copy(options=CopyOptions(fsync=False, processes=processes))
-    finally:
-        engine.shutdown_workers(wait=True)
+    with engine.CopyExecutor(4) as ex:
+        env.copy(options=CopyOptions(fsync=False, processes=processes), executor=ex)
     files = tree_of(src)
     assert sorted(r[0] for r in seen) == sorted(files)
     assert all(r[1] == len(files[r[0]]) for r in seen)
