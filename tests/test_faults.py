@@ -17,6 +17,7 @@ temporary folder anywhere.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -131,6 +132,41 @@ def test_kill9_then_restart_finishes_the_job(tmp_path: Path, redis_proc: RedisPr
     assert job["attempts"] == 2
     assert job["files_done"] == job["files_total"] == len(tree)
     assert job["bytes_done"] == job["bytes_total"] == sum(len(v) for v in tree.values())
+
+
+def small_files(seed: int, n: int = 240) -> dict[str, Any]:
+    """Files all below one chunk (256 KiB): every batch goes to the worker processes."""
+    return {"sub": {f"s{i:03d}.dat": os.urandom(1000 + i) for i in range(n // 2)},
+            **{f"t{i:03d}.txt": b"seed %d file %d\n" % (seed, i) for i in range(n // 2)}}
+
+
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("point", ["copy", "verify"])
+def test_kill9_while_a_worker_process_copies_then_restart_finishes(tmp_path: Path, redis_proc: RedisProcess,
+                                                                  services, point: str) -> None:
+    """The fault pauses also reach the worker processes: a kill -9 while one of them is mid-file."""
+    svc = DtsBridge(tmp_path, redis_proc.url, settings={"copy": {"lease_seconds": "90", "processes": "2"}})
+    services.append(svc)
+    tree = tree_of(make_tree(svc.dts_root / "small", small_files(3)))
+    svc.extra_env = {FAULT: f"{point}:300"}
+    svc.start()
+    job_id = submit_async(svc, "small")
+    wait_log(svc, f"fault point {point} reached")
+    pids = re.findall(rf"fault point {point} reached \(pid (\d+)\)", svc.log_text())
+    assert len(pids) == 1 and int(pids[0]) != svc.proc.pid, (pids, svc.proc.pid)  # a worker process paused
+    assert len(temp_folders(svc, job_id)) == 1
+    assert "small" not in published(svc.user_root)
+    svc.kill()
+    assert job_hash(redis_proc, job_id, "status") == "TRANSFERRING"
+
+    svc.extra_env = {}
+    since = len(svc.log_text())
+    svc.start()
+    job = svc.wait_status(job_id, {"SUCCESS", "ERROR"}, timeout=60)
+    assert "died; back in the queue" in svc.log_text()[since:], svc.log_tail()
+    assert_one_copy(svc, job, "small", tree)
+    assert job["attempts"] == 2
+    assert job["files_done"] == job["files_total"] == len(tree)
 
 
 @pytest.mark.timeout(150)

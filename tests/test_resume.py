@@ -36,7 +36,7 @@ CHILD = """
 import sys, json
 from dtsbridge import engine
 a = json.loads(sys.argv[1])
-engine.CHECKPOINT_BYTES = a["checkpoint"] or engine.CHECKPOINT_BYTES
+engine.journal.CHECKPOINT_BYTES = a["checkpoint"] or engine.journal.CHECKPOINT_BYTES
 engine.copy_tree(a["dts"], engine.Source(a["rel"], a["rel"].rsplit("/", 1)[-1]), a["users"], ["alice"],
                  a["job"], "1", engine.CopyOptions(workers=1, processes=0, fsync=a["fsync"], uid=a["uid"],
                  gid=a["gid"]))

@@ -91,7 +91,7 @@ class Faults:
     ``DTSBRIDGE_FAULT_PAUSE`` (``point:seconds``, several separated by commas,
     e.g. ``verify:30``), and carried to the copy in :attr:`CopyOptions.faults`
     (to worker processes too): the copy path never reads the environment.  A
-    pause writes ``fault point <point> reached`` to stderr and sleeps.  Points:
+    pause writes ``fault point <point> reached (pid <pid>)`` to stderr and sleeps.  Points:
     ``copy`` (after the first chunk of a job's first file is written),
     ``verify`` (after a job's first file is written, before it is re-read),
     ``publish`` (right before the publish fence and rename), ``published``
@@ -122,7 +122,7 @@ class Faults:
         """Pause at ``name`` if asked to (the first pause given for it)."""
         for point, seconds in self.pauses:
             if point == name:
-                sys.stderr.write(f"dtsbridge: fault point {name} reached\n")
+                sys.stderr.write(f"dtsbridge: fault point {name} reached (pid {os.getpid()})\n")
                 sys.stderr.flush()
                 time.sleep(seconds)
                 return
