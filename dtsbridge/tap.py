@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import signal
 import sys
@@ -31,7 +32,7 @@ from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, Logger, formatEvent
+from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import threadpool, usage
 from twisted.web.server import Site
 
@@ -164,6 +165,47 @@ class ThreadPoolService(service.Service):
         from twisted.internet import reactor
         from twisted.internet.threads import deferToThread
         return deferToThread(stop) if reactor.running else stop()
+
+
+class EngineLogService(service.Service):
+    """The copy engine's log records (Python ``logging``, from its threads) into the Twisted log,
+    each with the ``job_id`` of the job whose work logged it."""
+
+    def __init__(self, reactor) -> None:
+        self.handler = _EngineLogHandler(reactor)
+        self.logger = logging.getLogger("dtsbridge.engine")
+
+    def startService(self) -> None:
+        super().startService()
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+
+    def stopService(self):
+        self.logger.removeHandler(self.handler)
+        self.logger.propagate = True
+        return super().stopService()
+
+
+class _EngineLogHandler(logging.Handler):
+    _LEVELS = ((logging.ERROR, LogLevel.error), (logging.WARNING, LogLevel.warn), (logging.INFO, LogLevel.info))
+
+    def __init__(self, reactor) -> None:
+        super().__init__(logging.INFO)
+        self.reactor = reactor
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            level = next((lv for n, lv in self._LEVELS if record.levelno >= n), LogLevel.debug)
+            job_id = engine.current_job_id()
+            fields: dict[str, Any] = {"text": record.getMessage()}
+            if job_id is not None:
+                fields["job_id"] = job_id
+            fmt = "{text}" if job_id is None else "job {job_id}: {text}"
+            # Observers run on the reactor thread; the record may come from any thread.
+            self.reactor.callFromThread(Logger(namespace=record.name).emit, level, fmt, **fields)
+        except Exception:  # noqa: BLE001 - a log line must never break a copy
+            self.handleError(record)
 
 
 class AttachWhenReady(service.Service):
@@ -345,6 +387,7 @@ def makeService(options: Options) -> service.IService:
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=2 * cfg.max_jobs + 4, name="dtsbridge-copy")
     # Threads for files (widened for stuck copies), and the copy worker processes (started on first use).
     executor = ServiceExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
+    EngineLogService(reactor).setServiceParent(top)  # before the threads: stops after them
     ThreadPoolService(pool, executor).setServiceParent(top)
 
     def run_in_thread(f, *args: Any, **kwargs: Any):

@@ -328,6 +328,8 @@ def test_restart_after_kill9_copies_only_the_remainder(services) -> None:
     assert remainder * 0.9 <= written <= remainder + 512 * 1024, (written, remainder, total)
     assert leftovers(svc.user_root) == []  # the dead attempt's folder is gone too
     assert not old.exists()
+    # The engine's own log line reaches the service's log, naming the job.
+    assert f"[dtsbridge.engine.journal#info] job {job_id}: resumed {len(recorded)} files" in svc.log_text()
 
 
 @pytest.mark.timeout(180)
@@ -348,6 +350,8 @@ def test_restart_recopies_a_kept_file_that_does_not_check_out(services) -> None:
     assert tree_of(svc.user_root / "alice" / "run1") == tree_of(svc.dts_root / "run1")
     assert job["files_resumed"] == len(recorded) - 1, job
     assert leftovers(svc.user_root) == []
+    assert (f"[dtsbridge.engine.journal#warn] job {job_id}: resume: {recorded[0]['p']!r} does not match its "
+            "record; copying it again") in svc.log_text()
 
 
 @pytest.mark.parametrize("processes", [0, 2])

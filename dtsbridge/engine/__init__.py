@@ -92,6 +92,7 @@ from dtsbridge.engine.data import (
     TempRecord,
     _DirEntry,
     _FileEntry,
+    current_job_id,
 )
 from dtsbridge.engine.beneath import (
     RESERVED_PREFIX,
@@ -141,6 +142,7 @@ __all__ = [
     "check_not_reserved",
     "cleanup_temp",
     "copy_tree",
+    "current_job_id",
     "ensure_dir",
     "etag_part_sizes",
     "find_published",

@@ -2,16 +2,50 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
+import inspect
 import logging
 import os
 import re
 import sys
 import time
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import attrs
 
 
 log = logging.getLogger(__name__)
+
+#: The job the current thread works for, for log records (see :func:`current_job_id`).
+_JOB_ID: contextvars.ContextVar[str | None] = contextvars.ContextVar("dtsbridge_engine_job_id", default=None)
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def current_job_id() -> str | None:
+    """The job whose work logged the record being handled (None outside a job): for a log handler."""
+    return _JOB_ID.get()
+
+
+def for_job(f: _F) -> _F:
+    """Run ``f`` (which takes a ``job_id`` argument) with that job as :func:`current_job_id`.
+
+    Threads ``f`` hands work to get it too when submitted with ``contextvars.copy_context().run``.
+    """
+    sig = inspect.signature(f)
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        token = _JOB_ID.set(sig.bind_partial(*args, **kwargs).arguments.get("job_id"))
+        try:
+            return f(*args, **kwargs)
+        finally:
+            _JOB_ID.reset(token)
+
+    return wrapper  # type: ignore[return-value]
 
 CHUNK = 256 * 1024
 

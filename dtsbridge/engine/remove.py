@@ -10,7 +10,7 @@ import stat
 
 from dtsbridge.errors import BAD_REQUEST, SOURCE_NOT_FOUND, TransferError
 
-from dtsbridge.engine.data import Source, TempRecord, _ATTEMPT_RE
+from dtsbridge.engine.data import Source, TempRecord, _ATTEMPT_RE, for_job
 from dtsbridge.engine.beneath import (
     RENAME_NOREPLACE,
     _DIR_FLAGS,
@@ -177,6 +177,7 @@ def _rmtree_at(parentfd: int, name: str, expect: tuple[int, int] | None = None) 
     return True
 
 
+@for_job
 def cleanup_temp(user_root: str, dest_parts: list[str], job_id: str, records: list[TempRecord]) -> int:
     """Remove the temporary folders that ``records`` say a job's attempts made; returns how many.
 

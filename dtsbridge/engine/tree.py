@@ -17,7 +17,7 @@ from dtsbridge.errors import (
     UNSAFE_DESTINATION,
     TransferError,
 )
-from dtsbridge.engine.data import CopyOptions, Plan, Result, Source, TempRecord
+from dtsbridge.engine.data import CopyOptions, Plan, Result, Source, TempRecord, for_job
 from dtsbridge.engine.beneath import (
     RENAME_NOREPLACE,
     _DIR_FLAGS,
@@ -42,6 +42,7 @@ from dtsbridge.engine.workers import CopyExecutor, WorkerPool, _Where, _run_file
 
 log = logging.getLogger(__name__)
 
+@for_job
 def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[str], job_id: str, attempt: str,
               options: CopyOptions, *,
               on_plan: Callable[[Plan], None] = lambda p: None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import logging
 import multiprocessing
 import os
@@ -101,11 +102,11 @@ def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _
                         assert pool is not None
                         pool.drop(procs)
                         procs = None
-                        fut = executor.submit(_copy_batch, job, b)
+                        fut = executor.submit(contextvars.copy_context().run, _copy_batch, job, b)
                     else:
                         in_process.add(fut)
                 else:
-                    fut = executor.submit(_copy_batch, job, b)
+                    fut = executor.submit(contextvars.copy_context().run, _copy_batch, job, b)
                 inflight.add(fut)
             if not inflight:
                 break
