@@ -13,16 +13,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NamedTuple
 
-from dtsbridge.errors import (
-    BAD_REQUEST,
-    INTERNAL,
-    IO_ERROR,
-    NO_SPACE,
-    OUTSIDE_DTS_AREA,
-    SOURCE_NOT_FOUND,
-    UNSAFE_DESTINATION,
-    TransferError,
-)
+from dtsbridge.errors import (BAD_REQUEST, INTERNAL, IO_ERROR, NO_SPACE, OUTSIDE_DTS_AREA, SOURCE_NOT_FOUND,
+                              UNSAFE_DESTINATION, TransferError)
 from dtsbridge.engine.data import Source
 
 log = logging.getLogger(__name__)

@@ -15,34 +15,12 @@ from typing import TYPE_CHECKING, Any
 import blake3
 import xxhash
 
-from dtsbridge.errors import (
-    BAD_REQUEST,
-    CANCELLED,
-    CHECKSUM_MISMATCH,
-    MANIFEST_MISMATCH,
-    SOURCE_CHANGED,
-    UNSAFE_ENTRY,
-    TransferError,
-)
-from dtsbridge.engine.data import (
-    CHECKSUMS,
-    CHUNK,
-    UNVERIFIED_NAMES,
-    CopyOptions,
-    Faults,
-    Plan,
-    _DirEntry,
-    _FileEntry,
-)
-from dtsbridge.engine.beneath import (
-    SYNC_FILE_RANGE_WRITE,
-    _DIR_FLAGS,
-    _DST_FLAGS,
-    _SRC_FLAGS,
-    _close,
-    _libc,
-    open_beneath,
-)
+from dtsbridge.errors import (BAD_REQUEST, CANCELLED, CHECKSUM_MISMATCH, MANIFEST_MISMATCH, SOURCE_CHANGED,
+                              UNSAFE_ENTRY, TransferError)
+from dtsbridge.engine.data import (CHECKSUMS, CHUNK, UNVERIFIED_NAMES, CopyOptions, Faults, Plan, _DirEntry,
+                                   _FileEntry)
+from dtsbridge.engine.beneath import (SYNC_FILE_RANGE_WRITE, _DIR_FLAGS, _DST_FLAGS, _SRC_FLAGS, _close,
+                                      _libc, open_beneath)
 from dtsbridge.engine.manifest import ETAG, _ETagCheck
 from dtsbridge.engine.scanner import _open_source_subdir
 

@@ -1,4 +1,21 @@
-"""Resuming after a crash: the journal of verified files and the salvage of an earlier attempt's folder."""
+"""Resuming after a crash: the journal of verified files and the salvage of an earlier attempt's folder.
+
+Each verified file is recorded, as the copy goes, in an append-only journal
+inside the job's own temporary folder (mode 0700, owned by the service, so
+nobody else can reach it).  A line is written only once its file is
+completely written, verified and owned.  With ``fsync`` on, every
+CHECKPOINT_BYTES of recorded data the filesystem is synced (``syncfs``, the
+same call that precedes publishing, brought forward) and a checkpoint line
+says how many records that sync made durable.  A later attempt of the same
+job (after a crash) is told which folder the previous attempt made (the
+caller's own record: name, device, inode) and moves into its new folder
+every file that still checks out: same size, inode, owner, mode and time as
+recorded, from a source file that is unchanged since (inode, size, mtime),
+and the same hash when reading it is cheap (small files) or when the data
+may not have reached the disk (records after the last checkpoint).
+Everything else is copied again; nothing in the old folder is trusted
+because of its name.
+"""
 
 from __future__ import annotations
 
@@ -12,41 +29,13 @@ from typing import Any
 import attrs
 
 from dtsbridge.errors import UNSAFE_DESTINATION, TransferError
-
 from dtsbridge.engine.data import CHUNK, TempRecord
-from dtsbridge.engine.beneath import (
-    RENAME_NOREPLACE,
-    _DIR_FLAGS,
-    _close,
-    _fd,
-    _mnt_id,
-    _renameat2,
-    _syncfs,
-    open_beneath,
-)
+from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _close, _fd, _mnt_id, _renameat2, _syncfs,
+                                      open_beneath)
 from dtsbridge.engine.remove import _is_recorded, _open_subdir
 from dtsbridge.engine.copyfile import MODE_MASK, _Job, _buffer, _manifest_words, _new_hash, _write_all
 
 log = logging.getLogger(__name__)
-
-# --------------------------------------------------------------------------
-# Resuming after a crash
-#
-# Each verified file is recorded, as the copy goes, in an append-only journal
-# inside the job's own temporary folder (mode 0700, owned by the service, so
-# nobody else can reach it).  A line is written only once its file is
-# completely written, verified and owned.  With ``fsync`` on, every
-# CHECKPOINT_BYTES of recorded data the filesystem is synced (``syncfs``, the
-# same call that precedes publishing, brought forward) and a checkpoint line
-# says how many records that sync made durable.  A later attempt of the same
-# job (after a crash) is told which folder the previous attempt made (the
-# caller's own record: name, device, inode) and moves into its new folder
-# every file that still checks out: same size, inode, owner, mode and time as
-# recorded, from a source file that is unchanged since (inode, size, mtime),
-# and the same hash when reading it is cheap (small files) or when the data
-# may not have reached the disk (records after the last checkpoint).
-# Everything else is copied again; nothing in the old folder is trusted
-# because of its name.
 
 #: The journal's name, at the top of the temporary folder (a source holding an
 #: entry of that name at its top gets no journal: it cannot be resumed).
@@ -204,7 +193,7 @@ def _salvage(job: _Job, parentfd: int, name: str, rec: TempRecord) -> set[str]:
     inode, birth time: :func:`_is_recorded`), still the service's with mode
     0700 (as made, never yet given to the user: nobody else could have entered
     it).  Each kept file is checked
-    (see the section comment) through a descriptor opened without following
+    (see the module docstring) through a descriptor opened without following
     links, then renamed into the same place in the new folder
     (``RENAME_NOREPLACE``) and recorded in the new journal.  A file that does
     not check out is left where it is (the caller removes the old folder) and

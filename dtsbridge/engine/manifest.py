@@ -12,24 +12,11 @@ import stat
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dtsbridge.errors import (
-    BAD_REQUEST,
-    MANIFEST_MISMATCH,
-    SOURCE_CHANGED,
-    SOURCE_NOT_FOUND,
-    UNSAFE_ENTRY,
-    TransferError,
-)
+from dtsbridge.errors import (BAD_REQUEST, MANIFEST_MISMATCH, SOURCE_CHANGED, SOURCE_NOT_FOUND, UNSAFE_ENTRY,
+                              TransferError)
 from dtsbridge.engine.data import Manifest, _FileEntry
-from dtsbridge.engine.beneath import (
-    _SRC_FLAGS,
-    _as_transfer_error,
-    _fd,
-    _open_root,
-    _open_source_dir,
-    normalize_relpath,
-    open_beneath,
-)
+from dtsbridge.engine.beneath import (_SRC_FLAGS, _as_transfer_error, _fd, _open_root, _open_source_dir,
+                                      normalize_relpath, open_beneath)
 
 log = logging.getLogger(__name__)
 

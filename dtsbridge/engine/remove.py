@@ -9,24 +9,10 @@ import re
 import stat
 
 from dtsbridge.errors import BAD_REQUEST, SOURCE_NOT_FOUND, TransferError
-
 from dtsbridge.engine.data import Source, TempRecord, _ATTEMPT_RE, for_job
-from dtsbridge.engine.beneath import (
-    RENAME_NOREPLACE,
-    _DIR_FLAGS,
-    _btime_ns,
-    _close,
-    _fd,
-    _mnt_id,
-    _open_root,
-    _os_error,
-    _reason_for,
-    _renameat2,
-    _source_error,
-    _walk_dest,
-    normalize_relpath,
-    open_beneath,
-)
+from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _btime_ns, _close, _fd, _mnt_id,
+                                      _open_root, _os_error, _reason_for, _renameat2, _source_error,
+                                      _walk_dest, normalize_relpath, open_beneath)
 
 log = logging.getLogger(__name__)
 

@@ -7,26 +7,11 @@ import logging
 import os
 import stat
 
-from dtsbridge.errors import (
-    BAD_REQUEST,
-    PAYLOAD_TOO_LARGE,
-    SOURCE_CHANGED,
-    SOURCE_NOT_FOUND,
-    UNSAFE_ENTRY,
-    TransferError,
-)
+from dtsbridge.errors import (BAD_REQUEST, PAYLOAD_TOO_LARGE, SOURCE_CHANGED, SOURCE_NOT_FOUND, UNSAFE_ENTRY,
+                              TransferError)
 from dtsbridge.engine.data import Plan, Source, _DirEntry, _FileEntry
-from dtsbridge.engine.beneath import (
-    _DIR_FLAGS,
-    _as_transfer_error,
-    _fd,
-    _lstat_at,
-    _mnt_id,
-    _open_root,
-    _open_source_dir,
-    normalize_relpath,
-    open_beneath,
-)
+from dtsbridge.engine.beneath import (_DIR_FLAGS, _as_transfer_error, _fd, _lstat_at, _mnt_id, _open_root,
+                                      _open_source_dir, normalize_relpath, open_beneath)
 from dtsbridge.engine.manifest import _read_manifest
 
 log = logging.getLogger(__name__)

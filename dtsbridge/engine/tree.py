@@ -9,31 +9,12 @@ import os
 import stat
 from collections.abc import Callable
 
-from dtsbridge.errors import (
-    BAD_REQUEST,
-    CANCELLED,
-    IO_ERROR,
-    SOURCE_NOT_FOUND,
-    UNSAFE_DESTINATION,
-    TransferError,
-)
+from dtsbridge.errors import (BAD_REQUEST, CANCELLED, IO_ERROR, SOURCE_NOT_FOUND, UNSAFE_DESTINATION,
+                              TransferError)
 from dtsbridge.engine.data import CopyOptions, Plan, Result, Source, TempRecord, for_job
-from dtsbridge.engine.beneath import (
-    RENAME_NOREPLACE,
-    _DIR_FLAGS,
-    _as_transfer_error,
-    _btime_ns,
-    _close,
-    _fd,
-    _open_root,
-    _open_source_dir,
-    _renameat2,
-    _syncfs,
-    _walk_dest,
-    check_not_reserved,
-    normalize_relpath,
-    open_beneath,
-)
+from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _as_transfer_error, _btime_ns, _close,
+                                      _fd, _open_root, _open_source_dir, _renameat2, _syncfs, _walk_dest,
+                                      check_not_reserved, normalize_relpath, open_beneath)
 from dtsbridge.engine.remove import MAX_NAME_TRIES, _candidate, _remove_temp, _temp_name
 from dtsbridge.engine.scanner import _scan_fd
 from dtsbridge.engine.copyfile import _Job, _new_hash, _set_dir_attrs

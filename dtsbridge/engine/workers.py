@@ -17,7 +17,6 @@ from typing import Any
 import attrs
 
 from dtsbridge.errors import INTERNAL, SOURCE_CHANGED, SOURCE_NOT_FOUND, UNSAFE_DESTINATION, TransferError
-
 from dtsbridge.engine.data import CHUNK, CopyOptions, Manifest, Plan, _FileEntry
 from dtsbridge.engine.beneath import _DIR_FLAGS, _close, _fd, _open_root, _open_source_dir, _walk_dest
 from dtsbridge.engine.copyfile import _Dirs, _Job, _copy_file
