@@ -153,12 +153,12 @@ class ThreadPoolService(service.Service):
 
     def stopService(self):
         super().stopService()
-        self.executor.shutdown(wait=False, cancel_futures=True)
 
         def stop() -> None:
-            # The copy worker processes, if any were started: joined, so their queues
-            # are released before exit (else multiprocessing warns of leaked semaphores).
-            self.executor.processes.shutdown(wait=True)
+            # Queued file batches dropped; the file threads and the copy worker processes, if
+            # any were started, joined (so the processes' queues are released before exit, else
+            # multiprocessing warns of leaked semaphores).
+            self.executor.shutdown(wait=True, cancel_futures=True)
             self.pool.stop()
 
         # ThreadPool.stop() joins its threads: do it off the reactor thread.

@@ -353,6 +353,45 @@ def test_workers_and_external_executor(env: Env, workers: int, external: bool) -
     assert_same_tree(src, env.alice / "dts-1")
 
 
+def worker_processes() -> list[int]:
+    """Live processes below this one that are not its children: the forkserver's, i.e. copy workers."""
+    parent: dict[int, int] = {}
+    for d in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parent[int(d)] = int(fields[1])
+
+    def below(pid: int) -> bool:
+        while pid in parent and pid > 1:
+            pid = parent[pid]
+            if pid == os.getpid():
+                return True
+        return False
+
+    return [p for p, pp in parent.items() if pp != os.getpid() and below(p)]
+
+
+def test_worker_processes_belong_to_their_owner(env: Env) -> None:
+    """No pool outlives its owner: a copy given no CopyExecutor stops the worker processes it
+    started; a CopyExecutor keeps its own for the next job and stops them with itself."""
+    src = env.src()
+    for i in range(300):
+        (src / f"s{i:03d}.txt").write_bytes(b"small %d\n" % i)
+    before = set(worker_processes())
+    r = env.copy(options=CopyOptions(fsync=False, processes=2))
+    assert r.files == 301  # and env.src()'s own file
+    assert set(worker_processes()) <= before
+    with engine.CopyExecutor(2) as ex:
+        env.copy(options=CopyOptions(fsync=False, processes=2), executor=ex, attempt="2")
+        assert set(worker_processes()) - before, "the executor's worker processes wait for the next job"
+    assert set(worker_processes()) <= before
+    assert_same_tree(src, env.alice / "dts-1-1")
+
+
 def test_ownership(env: Env) -> None:
     src = env.src()
     build_tree(src)

@@ -15,11 +15,13 @@ Every path that comes from a request or a manifest is untrusted:
   directory descriptor and never follows a symbolic link -- :mod:`.beneath`;
 * the scan walks the source through descriptors and refuses links, devices,
   FIFOs, sockets, hard-linked files and mounts inside it; each file is opened
-  again for the copy and checked to be the very file scanned
-  (device, inode, size, time) -- :mod:`.scanner`, :mod:`.copyfile`;
+  again for the copy (``O_NOFOLLOW | O_NONBLOCK``, beneath its folder), checked
+  to be the very file scanned (inode, size) and unchanged while copied (size,
+  time) -- :mod:`.scanner`, :mod:`.copyfile`;
 * ``manifest.json`` is read bounded (:data:`~.manifest.MANIFEST_MAX_BYTES`),
-  streamed and parse-bomb safe; its paths are normalised like any request's,
-  its hashes checked in the copy's own pass -- :mod:`.manifest`;
+  streamed and parse-bomb safe; its paths are normalised like any request's
+  and only ever looked up among the scanned files; its hashes are checked in
+  the copy's own pass -- :mod:`.manifest`;
 * the copy is built in a hidden temporary folder (mode 0700, owned by the
   service) beside its final place, recorded (device, inode, birth time) before
   anything is written into it, and published with

@@ -233,7 +233,7 @@ class WorkerPool:
 class CopyExecutor(concurrent.futures.ThreadPoolExecutor):
     """The service's copy executors: threads for files, and the :class:`WorkerPool` it owns (``processes``).
 
-    Pass it as ``copy_tree(executor=...)``; ``shutdown`` stops both.
+    Pass it as ``copy_tree(executor=...)``; ``shutdown`` stops both (``wait``: and joins both).
     """
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "") -> None:
