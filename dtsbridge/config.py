@@ -64,7 +64,6 @@ DEFAULTS: dict[str, dict[str, str]] = {
 }
 
 
-
 @attrs.frozen
 class Config:
     """Every setting, parsed and checked."""
