@@ -153,12 +153,13 @@ class ThreadPoolService(service.Service):
 
     def stopService(self):
         super().stopService()
+        # Queued file batches dropped; file threads never joined (one may be stuck in a hung read).
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
         def stop() -> None:
-            # Queued file batches dropped; the file threads and the copy worker processes, if
-            # any were started, joined (so the processes' queues are released before exit, else
-            # multiprocessing warns of leaked semaphores).
-            self.executor.shutdown(wait=True, cancel_futures=True)
+            # The copy worker processes, if any were started: joined, so their queues
+            # are released before exit (else multiprocessing warns of leaked semaphores).
+            self.executor.processes.shutdown(wait=True)
             self.pool.stop()
 
         # ThreadPool.stop() joins its threads: do it off the reactor thread.

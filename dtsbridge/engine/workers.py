@@ -233,7 +233,9 @@ class WorkerPool:
 class CopyExecutor(concurrent.futures.ThreadPoolExecutor):
     """The service's copy executors: threads for files, and the :class:`WorkerPool` it owns (``processes``).
 
-    Pass it as ``copy_tree(executor=...)``; ``shutdown`` stops both (``wait``: and joins both).
+    Pass it as ``copy_tree(executor=...)``.  ``shutdown(wait=True)`` stops and joins both;
+    ``shutdown(wait=False)`` stops the threads only (joining the processes blocks): then
+    ``processes.shutdown(wait=True)`` from a thread that may block.
     """
 
     def __init__(self, max_workers: int | None = None, thread_name_prefix: str = "") -> None:
@@ -242,7 +244,8 @@ class CopyExecutor(concurrent.futures.ThreadPoolExecutor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         super().shutdown(wait=wait, cancel_futures=cancel_futures)
-        self.processes.shutdown(wait=wait)
+        if wait:
+            self.processes.shutdown(wait=True)
 
 
 def _worker_init(service_pid: int) -> None:
