@@ -465,8 +465,11 @@ class Api:
         try:
             await self.events.stream(sub, after)
         except SlowClient:
-            return b""
-        request.unregisterProducer()
+            pass  # dropped: its connection is aborted
+        finally:
+            # also when the client was dropped (SlowClient): Twisted logs a producer left registered
+            if request.producer is not None and request.channel is not None:
+                request.unregisterProducer()
         return b""
 
     def ui_file(self, request: IRequest, name: str) -> bytes:

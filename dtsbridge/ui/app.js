@@ -352,6 +352,7 @@
     const role = await api("/jobs?limit=1&user=" + encodeURIComponent("-"));
     state.admin = role.status === 200;
     sessionStorage.setItem(KEY, token);
+    $("token").value = "";  // before the stream goes live: the token stays only in sessionStorage
     $("login").hidden = true;
     $("jobs").hidden = false;
     $("who").hidden = false;
@@ -388,7 +389,6 @@
       $("login-error").textContent = "";
       try {
         await signIn(token);
-        input.value = "";
       } catch (err) {
         state.token = null;
         $("login-error").textContent = err.message || String(err);
