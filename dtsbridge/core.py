@@ -653,7 +653,10 @@ class Bridge:
                                          processes=cfg.processes, reflink=cfg.reflink)
             phase_started = [time.monotonic()]
 
+            scanned: list[engine.Plan] = []  # what was copied: all that delete_source may remove
+
             def on_plan(plan) -> None:
+                scanned.append(plan)
                 run.files_total, run.bytes_total = plan.files, plan.bytes
                 run.phase = "copying and verifying"
                 now = time.monotonic()
@@ -744,10 +747,16 @@ class Bridge:
                 if n:
                     self.metrics.manifest_files.labels(check).inc(n)
         fields["detailed_status"] = detail
-        if cfg.delete_source:
+        if cfg.delete_source and not scanned:
+            fields["detailed_status"] = detail + "; the source was kept: no record of what was copied"
+        elif cfg.delete_source:
             try:
-                await self.run_in_thread(engine.remove_source, cfg.dts_root, source)
-                fields["source_deleted"] = True
+                kept = await self.run_in_thread(engine.remove_source, cfg.dts_root, source, scanned[-1])
+                if kept is None:
+                    fields["source_deleted"] = True
+                else:
+                    self.log.warn("job {job_id}: the source was kept partially: {kept}", job_id=job.job_id, kept=kept)
+                    fields["detailed_status"] = detail + f"; the source was kept partially: {kept}"
             except Exception as e:  # noqa: BLE001 - the copy stands; say what was left
                 self.log.warn("job {job_id}: could not delete the source: {e}", job_id=job.job_id, e=e)
                 fields["detailed_status"] = detail + f"; the source could not be deleted: {e}"

@@ -115,6 +115,8 @@ class Plan:
     dir_list: tuple[_DirEntry, ...] = attrs.field(default=(), eq=False, repr=False)
     top: _DirEntry | None = attrs.field(default=None, eq=False, repr=False)
     dev: int = attrs.field(default=0, eq=False, repr=False)
+    #: The source folder's inode (with ``dev``): what ``delete_source`` may remove is that folder only.
+    ino: int = attrs.field(default=0, eq=False, repr=False)
 
 
 @attrs.frozen

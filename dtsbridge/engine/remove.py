@@ -9,10 +9,10 @@ import re
 import stat
 
 from dtsbridge.errors import BAD_REQUEST, SOURCE_NOT_FOUND, TransferError
-from dtsbridge.engine.data import Source, TempRecord, _ATTEMPT_RE, for_job
+from dtsbridge.engine.data import Plan, Source, TempRecord, _ATTEMPT_RE, for_job
 from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _btime_ns, _close, _fd, _mnt_id,
                                       _open_root, _os_error, _reason_for, _renameat2, _source_error,
-                                      _walk_dest, normalize_relpath, open_beneath)
+                                      _lstat_at, _walk_dest, normalize_relpath, open_beneath)
 
 log = logging.getLogger(__name__)
 
@@ -270,8 +270,17 @@ def find_published(user_root: str, dest_parts: list[str], base_name: str, dev: i
     return None
 
 
-def remove_source(dts_root: str, source: Source) -> None:
-    """Delete the DTS folder link-safely (``delete_source``); a missing one is fine."""
+def remove_source(dts_root: str, source: Source, plan: Plan | None = None) -> str | None:
+    """Delete the DTS folder link-safely (``delete_source``); a missing one is fine.
+
+    With ``plan`` (the scan of the copy) only what was copied goes: the folder
+    must still be the very one scanned (device and inode; one that replaced it
+    under its name is left alone), and only the files that are still the ones
+    copied (inode, size, modification time) are unlinked; any other entry (a
+    file that arrived during the copy, one replaced or changed since) stays,
+    with the folders that hold it.  Returns None when the folder is gone
+    entirely, else what was kept (for the job's ``detailed_status``).
+    """
     rel = normalize_relpath(source.rel)
     if not rel:
         raise TransferError(BAD_REQUEST, "refusing to remove the DTS area itself")
@@ -280,15 +289,81 @@ def remove_source(dts_root: str, source: Source) -> None:
         try:
             pfd = open_beneath(rootfd, parent, _DIR_FLAGS)
         except FileNotFoundError:
-            return
+            return None
         except OSError as exc:
             raise _source_error(exc, parent) from None
         with _fd(pfd):
             try:
-                _rmtree_at(pfd, name)
+                if plan is None:
+                    _rmtree_at(pfd, name)
+                    return None
+                return _remove_copied(pfd, name, rel, plan)
             except OSError as exc:
                 raise TransferError(_reason_for(exc), f"cannot remove {rel!r}: {exc}") from None
 
+
+def _remove_copied(pfd: int, name: str, rel: str, plan: Plan) -> str | None:
+    """Unlink, in folder ``name`` of ``pfd``, the files of ``plan`` that are still the ones copied; then the
+    folders left empty. Returns None when the folder is gone, else what was kept."""
+    dev = os.fstat(pfd).st_dev
+    srcfd = _open_subdir(pfd, name, dev, _mnt_id(pfd))
+    if srcfd is None:
+        return None
+    with _fd(srcfd):
+        st = os.fstat(srcfd)
+        if (st.st_dev, st.st_ino) != (plan.dev, plan.ino):
+            log.warning("delete_source: %r is no longer the folder copied (replaced); left in place", rel)
+            return f"{rel!r} is no longer the folder that was copied (replaced since); it was left in place"
+        by_dir: dict[str, list] = {}
+        for f in plan.file_list:
+            d, _, fname = f.rel.rpartition("/")
+            by_dir.setdefault(d, []).append((fname, f))
+        changed: list[str] = []
+        for d, entries in by_dir.items():
+            try:
+                dfd = open_beneath(srcfd, d, _DIR_FLAGS) if d else os.dup(srcfd)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                    raise
+                changed.extend(f.rel for _, f in entries)
+                continue
+            with _fd(dfd):
+                for fname, f in entries:
+                    try:
+                        cur = _lstat_at(dfd, fname)
+                    except FileNotFoundError:
+                        continue
+                    if (stat.S_ISREG(cur.st_mode) and cur.st_dev == plan.dev and cur.st_ino == f.ino
+                            and cur.st_size == f.size and cur.st_mtime_ns == f.mtime_ns):
+                        _unlink_entry(dfd, fname)
+                    else:
+                        changed.append(f.rel)
+        for d in sorted(plan.dir_list, key=lambda d: d.rel.count("/"), reverse=True):
+            dparent, _, dname = d.rel.rpartition("/")
+            try:
+                with _fd(open_beneath(srcfd, dparent, _DIR_FLAGS) if dparent else os.dup(srcfd)) as dfd:
+                    os.rmdir(dname, dir_fd=dfd)  # only ever removes an empty folder
+            except OSError as exc:
+                if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST) and exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                    raise
+        left = os.listdir(srcfd)
+    if not left:
+        try:
+            cur = _lstat_at(pfd, name)
+            if stat.S_ISDIR(cur.st_mode) and (cur.st_dev, cur.st_ino) == (plan.dev, plan.ino):
+                os.rmdir(name, dir_fd=pfd)  # only ever removes an empty folder
+                return None
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            if exc.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+    what = f"{rel!r} was kept partially: entries not copied"
+    if changed:
+        what += f" ({len(changed)} copied file(s) changed or replaced since, e.g. {changed[0]!r})"
+    what += " were left in place, with the folders holding them"
+    log.warning("delete_source: %s", what)
+    return what
 
 
 def _remove_temp(parentfd: int, tmpname: str, tmp_id: tuple[int, int], tmpfd: int | None = None) -> None:

@@ -74,7 +74,8 @@ def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
     manifest = _read_manifest(srcfd, {f.rel: f for f in files})
     top = _DirEntry("", stat.S_IMODE(top_st.st_mode), top_st.st_atime_ns, top_st.st_mtime_ns)
     return Plan(files=len(files), bytes=total, dirs=len(dirs), manifest=manifest,
-                file_list=tuple(files), dir_list=tuple(dirs), top=top, dev=dev)
+                file_list=tuple(files), dir_list=tuple(dirs), top=top, dev=dev,
+                ino=top_st.st_ino)
 
 
 
