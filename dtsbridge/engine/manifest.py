@@ -266,6 +266,125 @@ class _Window:
 _JSON = json.JSONDecoder()
 _WS = re.compile(r"[ \t\n\r]*")
 
+#: Containers outside ``resources`` nested deeper than this: refused (as json's own recursion limit would).
+SKIP_MAX_DEPTH = 500
+_STR = r'"(?:[^"\\\x00-\x1f]++|\\["\\/bfnrt]|\\u[0-9a-fA-F]{4})*+"'
+_SCALAR = rf'(?:{_STR}|-?(?:0|[1-9][0-9]*+)(?:\.[0-9]++)?(?:[eE][+-]?[0-9]++)?|true|false|null)'
+_W = r'[ \t\n\r]*+'
+#: Runs of ``scalar,`` (in a list) and ``"name": scalar,`` (in an object) skipped in one regex step:
+#: a member of millions of small values costs no Python-level step per value.
+_LIST_RUN = re.compile(rf'(?:{_W}{_SCALAR}{_W},)++')
+_OBJ_RUN = re.compile(rf'(?:{_W}{_STR}{_W}:{_W}{_SCALAR}{_W},)++')
+
+
+_TOKEN = re.compile(r'[^,\]} \t\n\r]*+')
+
+
+def _scalar(w: _Window, i: int) -> tuple[Any, int]:
+    """The string, number or literal at ``i``, its text wholly in the window first (``1.5e3`` cut
+    after ``1.`` must not read as ``1``)."""
+    while not w.done and _TOKEN.match(w.s, i).end() == len(w.s):
+        i = w.drop(i)
+        w.more(0)
+    return w.value(i, _JSON.raw_decode)
+
+
+def _skip_key(w: _Window, i: int) -> int:
+    i = w.ws(i)
+    if w.s[i:i + 1] != '"':
+        raise ValueError("expected a member name")
+    _, i = w.value(i + 1, json.decoder.scanstring)
+    i = w.ws(i)
+    if w.s[i:i + 1] != ":":
+        raise ValueError("expected ':' after a member name")
+    return i + 1
+
+
+def _skip_value(w: _Window, i: int) -> int:
+    """Read past the JSON value at ``i`` without building it (checked as strictly as ``json`` would);
+    returns the index after it.  What it skips is forgotten as it goes: its cost in memory is the window's."""
+    stack: list[str] = []
+    while True:
+        # a value is expected at i
+        i = w.ws(i)
+        c = w.s[i:i + 1]
+        if c == "{" or c == "[":
+            i = w.ws(i + 1)
+            if w.s[i:i + 1] == ("}" if c == "{" else "]"):
+                i += 1
+            else:
+                stack.append(c)
+                if len(stack) > SKIP_MAX_DEPTH:
+                    raise _bad_manifest("nested too deeply")
+                if c == "{":
+                    i = _skip_key(w, i)
+                continue
+        elif c == '"':
+            _, i = w.value(i + 1, json.decoder.scanstring)
+        else:
+            _, i = _scalar(w, i)
+        # after a value: ',' (then the next one) or the end of containers
+        while stack:
+            i = w.ws(i)
+            c = w.s[i:i + 1]
+            if c == ",":
+                i += 1
+                run = (_OBJ_RUN if stack[-1] == "{" else _LIST_RUN).match(w.s, i)
+                if run is not None:
+                    i = run.end()  # a run of small values, each ending with its ',' in the window's text
+                if stack[-1] == "{":
+                    i = _skip_key(w, i)
+                break
+            if c == ("}" if stack[-1] == "{" else "]"):
+                stack.pop()
+                i += 1
+                continue
+            raise ValueError("expected ',' or the end of a list or object")
+        if not stack:
+            return i
+
+
+#: The members of a resource that are read; any other (``credit``, ``format``, …) is skipped unbuilt.
+_RESOURCE_KEYS = ("path", "bytes", "hash")
+
+
+def _read_resource(w: _Window, i: int) -> tuple[Any, int]:
+    """The resource at ``i`` with only its ``path``, ``bytes`` and ``hash`` (a list or object given
+    for one of them reads as ``[]``, which the checks refuse); a resource that is no object, as
+    read (a list as ``[]``, skipped)."""
+    c = w.s[i:i + 1]
+    if c == "[":
+        return [], _skip_value(w, i)
+    if c != "{":
+        return _scalar(w, i)
+    res: dict[str, Any] = {}
+    i = w.ws(i + 1)
+    if w.s[i:i + 1] == "}":
+        return res, i + 1
+    while True:
+        if w.s[i:i + 1] != '"':
+            raise ValueError("expected a member name in a resource")
+        key, i = w.value(i + 1, json.decoder.scanstring)
+        i = w.ws(i)
+        if w.s[i:i + 1] != ":":
+            raise ValueError(f"expected ':' after {key!r}")
+        i = w.ws(i + 1)
+        if w.s[i:i + 1] in ("[", "{"):
+            i = _skip_value(w, i)
+            if key in _RESOURCE_KEYS:
+                res[key] = []
+        elif key in _RESOURCE_KEYS:
+            res[key], i = _scalar(w, i)
+        else:
+            i = _skip_value(w, i)
+        i = w.ws(i)
+        c = w.s[i:i + 1]
+        if c == "}":
+            return res, i + 1
+        if c != ",":
+            raise ValueError(f"expected ',' or '}}' after {key!r} in a resource")
+        i = w.ws(i + 1)
+
 
 def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None]) -> dict[str, Any] | None:
     """Parse a manifest's top-level object as its text arrives, handing each element of ``resources``
@@ -315,7 +434,7 @@ def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None
                         while True:
                             if i > MANIFEST_CHUNK:
                                 i = w.drop(i)
-                            res, i = w.value(i, decode)
+                            res, i = _read_resource(w, i)
                             on_resource(count, res)
                             count += 1
                             i = w.ws(i)
@@ -326,11 +445,13 @@ def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None
                             if c != ",":
                                 raise ValueError(f"expected ',' or ']' after resource #{count - 1}")
                     out[key] = count
+                elif key == "resources":
+                    raise _bad_manifest("'resources' is missing or not a list")
+                elif w.s[i:i + 1] in ("[", "{"):
+                    i = _skip_value(w, i)  # read past, never built (``username`` is a string)
+                    out[key] = None
                 else:
-                    value, i = w.value(i, decode)
-                    if key == "resources":
-                        raise _bad_manifest("'resources' is missing or not a list")
-                    out[key] = value
+                    out[key], i = _scalar(w, i)
                 i = w.ws(i)
                 c = w.s[i:i + 1]
                 i = w.ws(i + 1)
@@ -356,6 +477,7 @@ def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
     if entry.size > MANIFEST_MAX_BYTES:
         raise _bad_manifest(f"larger than {MANIFEST_MAX_BYTES} bytes")
     hashes: dict[str, Any] = {}
+    seen: dict[str, tuple[Any, tuple[str, str] | None]] = {}
     size_only = 0
 
     def on_resource(i: int, res: Any) -> None:
@@ -381,14 +503,18 @@ def _read_manifest(srcfd: int, files: dict[str, _FileEntry]) -> Manifest | None:
             if nbytes != f.size:
                 raise _bad_manifest(f"resource {raw!r} has {f.size} bytes, the manifest says {nbytes}")
         h = _parse_hash(res.get("hash"), raw)
+        # A path listed again is checked once if the entry is the same, else refused at once.
+        listed = (nbytes, h)
+        earlier = seen.get(f.rel)
+        if earlier is not None:
+            if earlier != listed:
+                raise _bad_manifest(f"resource {raw!r} is listed more than once, with different bytes or hash")
+            return
+        seen[f.rel] = listed  # keyed by the scan's own string: no second copy of each path
         if h is None:
             size_only += 1
             return
-        old = hashes.get(f.rel)
-        if old is None:
-            hashes[f.rel] = (h,)  # keyed by the scan's own string: no second copy of each path
-        elif h not in old:
-            hashes[f.rel] = old + (h,)
+        hashes[f.rel] = (h,)
 
     with _fd(_open_manifest(srcfd, entry.ino)) as fd:
         doc = _walk_manifest(_manifest_text(fd), on_resource)
