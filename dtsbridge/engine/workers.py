@@ -279,16 +279,13 @@ def _watch_service(service_pid: int, pidfd: int | None) -> None:
     os._exit(0)
 
 
-#: In a worker process: the job it last worked for and that job's folder descriptors.
+#: Kept for the worker's start-up (cleared there); a worker holds no descriptor between batches.
 _worker_state: dict[str, Any] = {}
 
 
 def _worker_dirs(where: _Where) -> tuple[int, int]:
-    if _worker_state.get("where") == where:
-        return _worker_state["fds"]
-    for fd in _worker_state.pop("fds", ()):
-        _close(fd)
-    _worker_state.pop("where", None)
+    """Open the job's source and temporary folders for one batch (closed when the batch ends: an idle
+    worker holds nothing on a job's folders, whose volume can then be unmounted)."""
     with _fd(_open_root(where.dts_root, SOURCE_NOT_FOUND, "DTS area")) as rootfd:
         srcfd = _open_source_dir(rootfd, where.rel)
     try:
@@ -308,8 +305,6 @@ def _worker_dirs(where: _Where) -> tuple[int, int]:
     except BaseException:
         os.close(srcfd)
         raise
-    _worker_state["where"] = where
-    _worker_state["fds"] = (srcfd, tmpfd)
     return srcfd, tmpfd
 
 
@@ -322,6 +317,7 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
     ``unverified``: see :meth:`_Job.checked`; ``records``: the verified files, for the
     job's journal) or ``("error", reason, message)``.
     """
+    srcfd = tmpfd = None
     try:
         srcfd, tmpfd = _worker_dirs(where)
         manifest = Manifest(resources=0, size_only=0, hashes=hashes) if hashes else None
@@ -333,6 +329,9 @@ def _worker_copy(where: _Where, batch: list[_FileEntry], hashes: dict[str, tuple
                 job.hashed, job.unverified, tuple(job.unverified_names), job.records)
     except TransferError as exc:  # not picklable as is: sent as its parts
         return ("error", exc.reason, exc.message)
+    finally:
+        _close(srcfd)
+        _close(tmpfd)
 
 
 def _worker_result(job: _Job, result: tuple[Any, ...]) -> BaseException | None:
