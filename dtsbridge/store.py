@@ -43,6 +43,7 @@ so a call that does not answer in ``timeout`` seconds fails with
 
 from __future__ import annotations
 
+import re
 import urllib.parse
 from typing import Any, Iterable
 
@@ -627,6 +628,17 @@ return out
 """
 
 
+#: Redis error codes that mean "up, but refusing for now" (loading, failing over, out of
+#: memory under noeviction, short of replicas): the caller gets a 503 and may retry.
+_REFUSED_FOR_NOW = re.compile(r"(?:^|: -)(LOADING|BUSY|MASTERDOWN|READONLY|TRYAGAIN|OOM|NOREPLICAS)\b")
+
+
+def refused_for_now(message: str) -> bool:
+    """Whether a Redis error is a passing refusal, as a reply (``OOM command not allowed…``)
+    or wrapped by a script (``ERR Error running script …: @user_script:25: -OOM …``)."""
+    return _REFUSED_FOR_NOW.search(message) is not None
+
+
 def _flat(fields: dict[str, Any] | Iterable[tuple[str, Any]]) -> list[str]:
     items = fields.items() if isinstance(fields, dict) else fields
     out: list[str] = []
@@ -798,7 +810,7 @@ class Store:
             msg = str(e)
             # Redis up but refusing for now (loading, failing over, out of memory under
             # noeviction, short of replicas): a 503, and retried by whoever must not give up.
-            if msg.startswith(("LOADING", "BUSY", "MASTERDOWN", "READONLY", "TRYAGAIN", "OOM", "NOREPLICAS")):
+            if refused_for_now(msg):
                 raise StoreUnavailable(f"Redis is not ready: {msg}") from None
             raise
         except ConnectionError as e:  # builtin, e.g. refused while connecting

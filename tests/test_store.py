@@ -87,3 +87,17 @@ async def test_claim_is_fifo_and_skips_ended_jobs(redis_proc: RedisProcess) -> N
         assert (await store.get_job(ids[1])).extra["attempts"] == 2
     finally:
         await store.close()
+
+
+def test_redis_refusals_for_now_are_recognised_also_inside_a_script_error() -> None:
+    """OOM under noeviction is a 503, whether Redis answers it bare or wrapped by a script
+    (the second form, seen from Redis 7.0 in CI, used to give a 500)."""
+    from dtsbridge.store import refused_for_now
+    assert refused_for_now("OOM command not allowed when used memory > 'maxmemory'. script: 5c4d, on @user_script:1.")
+    assert refused_for_now("ERR Error running script (call to f_69ed7a78ea3354d341342bf33f17d680fa167a0e): "
+                           "@user_script:49: @user_script: 49: -OOM command not allowed when used memory > 'maxmemory'.")
+    assert refused_for_now("LOADING Redis is loading the dataset in memory")
+    assert refused_for_now("NOREPLICAS Not enough good replicas to write.")
+    assert not refused_for_now("ERR Error running script (call to f_1): @user_script:3: WRONGTYPE Operation against a key")
+    assert not refused_for_now("WRONGTYPE Operation against a key holding the wrong kind of value")
+    assert not refused_for_now("ERR unknown command 'BOOM'")
