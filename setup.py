@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="dtsbridge",
@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
-    packages=["dtsbridge", "twisted.plugins"],
+    packages=find_packages(include=["dtsbridge", "dtsbridge.*"]) + ["twisted.plugins"],
     package_data={"twisted": ["plugins/dtsbridge_plugin.py"], "dtsbridge": ["ui/*.html", "ui/*.js", "ui/*.css"]},
     install_requires=[
         "Twisted>=24.3",
