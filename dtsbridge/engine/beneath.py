@@ -123,7 +123,7 @@ def _statx(dirfd: int, name: bytes, flags: int, mask: int) -> _Statx | None:
 
 
 def _ns(ts: _StatxTimestamp) -> int:
-    return ts.tv_sec * 1_000_000_000 + ts.tv_nsec
+    return int(ts.tv_sec) * 1_000_000_000 + int(ts.tv_nsec)
 
 
 def _lstat_at(dirfd: int, name: str) -> _Lstat:

@@ -30,9 +30,9 @@ import attrs
 
 from dtsbridge.errors import UNSAFE_DESTINATION, TransferError
 from dtsbridge.engine.data import CHUNK, TempRecord
-from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _close, _fd, _mnt_id, _renameat2, _syncfs,
+from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _close, _fd, _renameat2, _syncfs,
                                       open_beneath)
-from dtsbridge.engine.remove import _is_recorded, _open_subdir
+from dtsbridge.engine.remove import _is_recorded, _open_child_dir
 from dtsbridge.engine.copyfile import MODE_MASK, _Job, _buffer, _manifest_words, _new_hash, _write_all
 
 log = logging.getLogger(__name__)
@@ -202,7 +202,7 @@ def _salvage(job: _Job, parentfd: int, name: str, rec: TempRecord) -> set[str]:
     if rec.pending:
         return set()
     try:
-        oldfd = _open_subdir(parentfd, name, os.fstat(parentfd).st_dev, _mnt_id(parentfd))
+        oldfd = _open_child_dir(parentfd, name)
     except OSError:
         oldfd = None
     if oldfd is None:
@@ -278,8 +278,8 @@ def _salvage(job: _Job, parentfd: int, name: str, rec: TempRecord) -> set[str]:
                     moved = []
         finally:
             job.journal_add(moved, checkpoint=False)
-            for fd in (*olddirs.values(), *newdirs.values()):
-                _close(fd)
+            for dirfd in (*olddirs.values(), *newdirs.values()):
+                _close(dirfd)
     if kept:
         job.progress(job.bytes_resumed, job.files_resumed)
         log.info("resumed %d files (%d bytes) from %s", job.files_resumed, job.bytes_resumed, name)

@@ -10,7 +10,7 @@ import os
 import re
 import stat
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, TypeVar
 
 from dtsbridge.errors import (BAD_REQUEST, MANIFEST_MISMATCH, SOURCE_CHANGED, SOURCE_NOT_FOUND, UNSAFE_ENTRY,
                               TransferError)
@@ -19,6 +19,7 @@ from dtsbridge.engine.beneath import (_SRC_FLAGS, _as_transfer_error, _fd, _open
                                       normalize_relpath, open_beneath)
 
 log = logging.getLogger(__name__)
+_V = TypeVar("_V")
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_MAX_BYTES = 64 * 1024 * 1024
@@ -97,13 +98,12 @@ class _ETagCheck:
         hexd, _, n = etag.partition("-")
         self.want = hexd
         self.parts = int(n)
-        # [part size, bytes in the current part, md5 state, digests so far]
-        self.cands = [[ps, 0, hashlib.md5(), bytearray()] for ps in etag_part_sizes(size, self.parts)]
+        self.cands = [_PartSize(ps) for ps in etag_part_sizes(size, self.parts)]
 
     def update(self, chunk: memoryview) -> None:
         n = len(chunk)
         for c in self.cands:
-            ps, filled, h, digests = c
+            ps, filled, h = c.size, c.filled, c.md5
             off = 0
             while off < n:
                 take = min(n - off, ps - filled)
@@ -111,18 +111,32 @@ class _ETagCheck:
                 filled += take
                 off += take
                 if filled == ps:
-                    digests += h.digest()
-                    h = c[2] = hashlib.md5()
+                    c.digests += h.digest()
+                    h = c.md5 = hashlib.md5()
                     filled = 0
-            c[1] = filled
+            c.filled = filled
 
     def matches(self) -> bool:
-        for ps, filled, h, digests in self.cands:
-            if filled or not digests:
-                digests = digests + h.digest()
+        for c in self.cands:
+            digests = c.digests
+            if c.filled or not digests:
+                digests = digests + c.md5.digest()
             if len(digests) // 16 == self.parts and hashlib.md5(digests).hexdigest() == self.want:
                 return True
         return False
+
+
+class _PartSize:
+    """One candidate part size of an :class:`_ETagCheck`: the part being hashed and the digests so far."""
+
+    __slots__ = ("size", "filled", "md5", "digests")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        #: bytes of the current part hashed so far
+        self.filled = 0
+        self.md5 = hashlib.md5()
+        self.digests = bytearray()
 
 
 def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
@@ -242,13 +256,14 @@ class _Window:
     def ws(self, i: int) -> int:
         """Index of the next non-blank character (``len(s)`` at the end of the text)."""
         while True:
-            i = _WS.match(self.s, i).end()
+            m = _WS.match(self.s, i)  # always matches (maybe nothing)
+            i = m.end() if m else i
             if i < len(self.s) or self.done:
                 return i
             i = self.drop(i)
             self.more(0)
 
-    def value(self, i: int, scan: Callable[[str, int], tuple[Any, int]]) -> tuple[Any, int]:
+    def value(self, i: int, scan: Callable[[str, int], tuple[_V, int]]) -> tuple[_V, int]:
         """``scan(s, i)`` (a JSON value, or a string after its quote), fetching text until it fits."""
         while True:
             try:
@@ -262,7 +277,25 @@ class _Window:
             i = self.drop(i)
             self.more(0)
 
+    def separator(self, i: int) -> tuple[str, int]:
+        """The character after a value at ``i`` (past blanks: ``,`` or a closing bracket), and the index
+        of what follows it (past blanks)."""
+        i = self.ws(i)
+        return self.s[i:i + 1], self.ws(i + 1)
 
+    def member(self, i: int, where: str = "") -> tuple[str, int]:
+        """The member name whose quote is at ``i``, and the index of its value (past the ``:``)."""
+        if self.s[i:i + 1] != '"':
+            raise ValueError(f"expected a member name{where}")
+        key, i = self.value(i + 1, _scanstring)
+        i = self.ws(i)
+        if self.s[i:i + 1] != ":":
+            raise ValueError(f"expected ':' after {key!r}")
+        return key, self.ws(i + 1)
+
+
+#: The json module's reader of a string's text after its opening quote (not in its type stubs).
+_scanstring: Callable[[str, int], tuple[str, int]] = getattr(json.decoder, "scanstring")
 _JSON = json.JSONDecoder()
 _WS = re.compile(r"[ \t\n\r]*")
 
@@ -283,21 +316,14 @@ _TOKEN = re.compile(r'[^,\]} \t\n\r]*+')
 def _scalar(w: _Window, i: int) -> tuple[Any, int]:
     """The string, number or literal at ``i``, its text wholly in the window first (``1.5e3`` cut
     after ``1.`` must not read as ``1``)."""
-    while not w.done and _TOKEN.match(w.s, i).end() == len(w.s):
+    while not w.done and (m := _TOKEN.match(w.s, i)) is not None and m.end() == len(w.s):
         i = w.drop(i)
         w.more(0)
     return w.value(i, _JSON.raw_decode)
 
 
 def _skip_key(w: _Window, i: int) -> int:
-    i = w.ws(i)
-    if w.s[i:i + 1] != '"':
-        raise ValueError("expected a member name")
-    _, i = w.value(i + 1, json.decoder.scanstring)
-    i = w.ws(i)
-    if w.s[i:i + 1] != ":":
-        raise ValueError("expected ':' after a member name")
-    return i + 1
+    return w.member(w.ws(i))[1]
 
 
 def _skip_value(w: _Window, i: int) -> int:
@@ -320,7 +346,7 @@ def _skip_value(w: _Window, i: int) -> int:
                     i = _skip_key(w, i)
                 continue
         elif c == '"':
-            _, i = w.value(i + 1, json.decoder.scanstring)
+            _, i = w.value(i + 1, _scanstring)
         else:
             _, i = _scalar(w, i)
         # after a value: ',' (then the next one) or the end of containers
@@ -362,13 +388,7 @@ def _read_resource(w: _Window, i: int) -> tuple[Any, int]:
     if w.s[i:i + 1] == "}":
         return res, i + 1
     while True:
-        if w.s[i:i + 1] != '"':
-            raise ValueError("expected a member name in a resource")
-        key, i = w.value(i + 1, json.decoder.scanstring)
-        i = w.ws(i)
-        if w.s[i:i + 1] != ":":
-            raise ValueError(f"expected ':' after {key!r}")
-        i = w.ws(i + 1)
+        key, i = w.member(i, " in a resource")
         if w.s[i:i + 1] in ("[", "{"):
             i = _skip_value(w, i)
             if key in _RESOURCE_KEYS:
@@ -416,13 +436,7 @@ def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None
         else:
             while True:
                 i = w.drop(i)
-                if w.s[i:i + 1] != '"':
-                    raise ValueError("expected a member name")
-                key, i = w.value(i + 1, json.decoder.scanstring)
-                i = w.ws(i)
-                if w.s[i:i + 1] != ":":
-                    raise ValueError(f"expected ':' after {key!r}")
-                i = w.ws(i + 1)
+                key, i = w.member(i)
                 if key == "resources" and w.s[i:i + 1] == "[":
                     if count is not None:
                         raise _bad_manifest("'resources' is given twice")
@@ -437,9 +451,7 @@ def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None
                             res, i = _read_resource(w, i)
                             on_resource(count, res)
                             count += 1
-                            i = w.ws(i)
-                            c = w.s[i:i + 1]
-                            i = w.ws(i + 1)
+                            c, i = w.separator(i)
                             if c == "]":
                                 break
                             if c != ",":
@@ -452,9 +464,7 @@ def _walk_manifest(chunks: Iterator[str], on_resource: Callable[[int, Any], None
                     out[key] = None
                 else:
                     out[key], i = _scalar(w, i)
-                i = w.ws(i)
-                c = w.s[i:i + 1]
-                i = w.ws(i + 1)
+                c, i = w.separator(i)
                 if c == "}":
                     break
                 if c != ",":

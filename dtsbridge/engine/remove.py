@@ -9,7 +9,7 @@ import re
 import stat
 
 from dtsbridge.errors import BAD_REQUEST, SOURCE_NOT_FOUND, TransferError
-from dtsbridge.engine.data import Plan, Source, TempRecord, _ATTEMPT_RE, for_job
+from dtsbridge.engine.data import Plan, Source, TempRecord, _ATTEMPT_RE, _FileEntry, for_job
 from dtsbridge.engine.beneath import (RENAME_NOREPLACE, _DIR_FLAGS, _btime_ns, _close, _fd, _mnt_id,
                                       _open_root, _os_error, _reason_for, _renameat2, _source_error,
                                       _lstat_at, _walk_dest, normalize_relpath, open_beneath)
@@ -61,6 +61,16 @@ def _open_subdir(dirfd: int, name: str, dev: int, mnt: int | None = None) -> int
     return fd
 
 
+def _open_child_dir(parentfd: int, name: str) -> int | None:
+    """:func:`_open_subdir` of folder ``name`` on ``parentfd``'s own file system and mount."""
+    return _open_subdir(parentfd, name, os.fstat(parentfd).st_dev, _mnt_id(parentfd))
+
+
+def _dev_ino(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
+
+
 def _unlink_entry(dirfd: int, name: str) -> None:
     try:
         os.unlink(name, dir_fd=dirfd)
@@ -90,12 +100,13 @@ def _empty_dir(topfd: int) -> None:
     while queue:
         item = queue.pop()
         if item is None:
-            start: int | None = os.dup(topfd)
+            start = os.dup(topfd)
         else:
-            start = _open_subdir(topfd, item, dev, mnt)
-            if start is None:
+            opened = _open_subdir(topfd, item, dev, mnt)
+            if opened is None:
                 _unlink_entry(topfd, item)
                 continue
+            start = opened
         # Frames: (descriptor, names left, name in the parent frame).
         stack: list[tuple[int, list[str], str | None]] = []
         try:
@@ -150,13 +161,11 @@ def _rmtree_at(parentfd: int, name: str, expect: tuple[int, int] | None = None) 
 
     With ``expect`` (device, inode) only that very folder is removed.
     """
-    dev = os.fstat(parentfd).st_dev
-    fd = _open_subdir(parentfd, name, dev, _mnt_id(parentfd))
+    fd = _open_child_dir(parentfd, name)
     if fd is None:
         return False
     with _fd(fd):
-        st = os.fstat(fd)
-        if expect is not None and (st.st_dev, st.st_ino) != expect:
+        if expect is not None and _dev_ino(fd) != expect:
             return False
         _empty_dir(fd)
     os.rmdir(name, dir_fd=parentfd)  # only ever removes an empty folder
@@ -305,16 +314,14 @@ def remove_source(dts_root: str, source: Source, plan: Plan | None = None) -> st
 def _remove_copied(pfd: int, name: str, rel: str, plan: Plan) -> str | None:
     """Unlink, in folder ``name`` of ``pfd``, the files of ``plan`` that are still the ones copied; then the
     folders left empty. Returns None when the folder is gone, else what was kept."""
-    dev = os.fstat(pfd).st_dev
-    srcfd = _open_subdir(pfd, name, dev, _mnt_id(pfd))
+    srcfd = _open_child_dir(pfd, name)
     if srcfd is None:
         return None
     with _fd(srcfd):
-        st = os.fstat(srcfd)
-        if (st.st_dev, st.st_ino) != (plan.dev, plan.ino):
+        if _dev_ino(srcfd) != (plan.dev, plan.ino):
             log.warning("delete_source: %r is no longer the folder copied (replaced); left in place", rel)
             return f"{rel!r} is no longer the folder that was copied (replaced since); it was left in place"
-        by_dir: dict[str, list] = {}
+        by_dir: dict[str, list[tuple[str, _FileEntry]]] = {}
         for f in plan.file_list:
             d, _, fname = f.rel.rpartition("/")
             by_dir.setdefault(d, []).append((fname, f))
@@ -338,8 +345,8 @@ def _remove_copied(pfd: int, name: str, rel: str, plan: Plan) -> str | None:
                         _unlink_entry(dfd, fname)
                     else:
                         changed.append(f.rel)
-        for d in sorted(plan.dir_list, key=lambda d: d.rel.count("/"), reverse=True):
-            dparent, _, dname = d.rel.rpartition("/")
+        for dent in sorted(plan.dir_list, key=lambda d: d.rel.count("/"), reverse=True):
+            dparent, _, dname = dent.rel.rpartition("/")
             try:
                 with _fd(open_beneath(srcfd, dparent, _DIR_FLAGS) if dparent else os.dup(srcfd)) as dfd:
                     os.rmdir(dname, dir_fd=dfd)  # only ever removes an empty folder
