@@ -206,6 +206,10 @@ def test_streaming_parse_never_takes_half_a_number(monkeypatch: pytest.MonkeyPat
     (b'{"pad": "' + b' ' * 4_000_000 + b'", "instructions": ' + b'{"a":' * 200_000 + b'1' + b'}' * 200_000
      + b', "resources": []}', "nested"),
     (b'{"x": 1' + b'9' * 5000 + b', "resources": []}', "JSON"),
+    # inside a resource, short enough for json's own decoder: still refused past the reader's depth
+    (b'{"resources": [{"path": "a.txt", "x": ' + b'[' * 600 + b']' * 600 + b'}]}', "nested"),
+    (b'{"resources": [{"path": "a.txt", "x": 1' + b'9' * 5000 + b'}]}', "JSON"),
+    (b'{"resources": [{"path": "a.txt", "x": [1,]}]}', "JSON"),
 ])
 def test_streaming_parse_refuses_what_json_refuses(env: Env, body: bytes, needle: str) -> None:
     t = write_manifest(env, body)
@@ -413,3 +417,41 @@ def test_watch_mode_descriptors_stay_flat(services) -> None:
     time.sleep(1)
     after = open_fds(b.proc.pid)
     assert after - before < 10, f"{before} descriptors before 300 watched folders, {after} after"
+
+
+@pytest.mark.parametrize("chunk", [16, 4096, 1024 * 1024])
+def test_small_resources_decoded_whole_read_as_the_streaming_reader_reads_them(monkeypatch: pytest.MonkeyPatch,
+                                                                              chunk: int) -> None:
+    """Resources that fit a slice go through json's C decoder (the speed of DTS manifests); what they
+    read as is exactly what the streaming reader makes of them, a long one is left to that reader."""
+    monkeypatch.setattr(engine.manifest, "MANIFEST_CHUNK", chunk)
+    texts = ['{"path": "a.txt", "bytes": 1, "hash": "h", "credit": {"a": [1, {"b": null}], "c": "]}"}}',
+             '{"path": ["a"], "bytes": {"n": 1}, "hash": null, "x": []}',
+             '{"path": "a", "hash": "h", "path": {"x": 1}}',
+             '{"path": [1], "path": "b", "bytes": 12345678901234567890, "f": 1.5e3}',
+             '{}',
+             '{"path": "big", "pad": [' + '"xy",' * 30_000 + '"z"], "bytes": 3}',
+             '{"path": "r\\u00e9sum\\u00e9 \\ud83e\\uddec", "hash": "md5:00"}']
+    body = '{"username": "u", "resources": [' + ",\n  ".join(texts * 3) + "]}"
+    fast = []
+    real = engine.manifest._decode_small  # noqa: SLF001
+
+    def counted(w: Any, i: int) -> Any:
+        got = real(w, i)
+        fast.append(got[0] is not None)
+        return got
+
+    def walk() -> list[Any]:
+        seen: list[Any] = []
+        chunks = (body[k:k + chunk] for k in range(0, len(body), chunk))
+        assert engine._walk_manifest(chunks, lambda i, r: seen.append(r)) == {"username": "u", "resources": 21}
+        return seen
+
+    monkeypatch.setattr(engine.manifest, "_decode_small", counted)
+    decoded = walk()
+    assert fast == [True, True, True, True, True, False, True] * 3
+    monkeypatch.setattr(engine.manifest, "_decode_small", lambda w, i: (None, i))
+    assert decoded == walk()
+    assert decoded[:7] == [{"path": "a.txt", "bytes": 1, "hash": "h"}, {"path": [], "bytes": [], "hash": None},
+                           {"path": [], "hash": "h"}, {"path": "b", "bytes": 12345678901234567890}, {},
+                           {"path": "big", "bytes": 3}, {"path": "résumé 🧬", "hash": "md5:00"}]
