@@ -22,12 +22,17 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from typing import Any
 
 from dtsbridge.auth import new_token
+from dtsbridge.model import FINAL, Status
+
+#: The statuses a job ends in, as the API spells them.
+_FINAL = frozenset(s.value for s in FINAL)
 
 
-def _request(args, method: str, path: str, body: dict | None = None) -> tuple[int, Any]:
+def _request(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
     url = args.url.rstrip("/") + path
     data = json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method=method)
@@ -61,7 +66,7 @@ def _bar(done: int, total: int | None, width: int = 30) -> str:
     return "[" + "#" * filled + "." * (width - filled) + f"] {frac * 100:5.1f}%"
 
 
-def cmd_status(args) -> int:
+def cmd_status(args: argparse.Namespace) -> int:
     while True:
         code, body = _request(args, "GET", "/transferStatus?" + urllib.parse.urlencode({"job_id": args.job}))
         if code != 200:
@@ -69,9 +74,9 @@ def cmd_status(args) -> int:
         status = body.get("status")
         if args.json:
             print(json.dumps(body, indent=2))
-        final = status in ("SUCCESS", "ERROR", "CANCELLED")
+        final = status in _FINAL
         if not args.json:
-            if status == "TRANSFERRING" or (args.follow and not final):
+            if status == Status.TRANSFERRING.value or (args.follow and not final):
                 line = (f"{args.job}  {status:<12} {_bar(body.get('bytes_done', 0), body.get('bytes_total'))}  "
                         f"{body.get('files_done', 0)}/{body.get('files_total', '?')} files  "
                         f"{body.get('detailed_status', '')}")
@@ -83,11 +88,11 @@ def cmd_status(args) -> int:
         if final or not args.follow:
             if args.follow and sys.stdout.isatty():
                 print()
-            return 0 if status != "ERROR" else 2
+            return 0 if status != Status.ERROR.value else 2
         time.sleep(args.interval)
 
 
-def cmd_list(args) -> int:
+def cmd_list(args: argparse.Namespace) -> int:
     q = {k: v for k, v in (("user", args.user), ("status", args.status), ("limit", args.limit)) if v}
     code, body = _request(args, "GET", "/jobs?" + urllib.parse.urlencode(q))
     if code != 200:
@@ -103,7 +108,7 @@ def cmd_list(args) -> int:
     return 0
 
 
-def cmd_cancel(args) -> int:
+def cmd_cancel(args: argparse.Namespace) -> int:
     code, body = _request(args, "POST", "/cancelTransfer", {"job_id": args.job})
     if code != 200:
         return _fail(code, body)
@@ -111,9 +116,9 @@ def cmd_cancel(args) -> int:
     return 0
 
 
-def _event_line(event_id: str, job: dict) -> str:
+def _event_line(event_id: str, job: dict[str, Any]) -> str:
     status = job.get("status", "?")
-    if status == "TRANSFERRING" and job.get("bytes_total"):
+    if status == Status.TRANSFERRING.value and job.get("bytes_total"):
         progress = _bar(job.get("bytes_done", 0), job.get("bytes_total"), width=20)
     else:
         progress = job.get("path") or job.get("reason") or ""
@@ -121,7 +126,7 @@ def _event_line(event_id: str, job: dict) -> str:
             f"{progress}  {job.get('detailed_status', '')}")[:240]
 
 
-def cmd_events(args) -> int:
+def cmd_events(args: argparse.Namespace) -> int:
     """Print job events as they come: the stored ones after --since, then (with --follow) live ones."""
     q = {k: v for k, v in (("user", args.user), ("job_id", args.job)) if v}
     since = args.since if args.since is not None else (None if args.follow else "0")
@@ -160,7 +165,7 @@ def cmd_events(args) -> int:
                 job = json.loads(event["data"])
                 print(json.dumps({"id": event.get("id"), "job": job}) if args.json
                       else _event_line(event.get("id", "-"), job), flush=True)
-                if args.job and args.follow and job.get("status") in ("SUCCESS", "ERROR", "CANCELLED"):
+                if args.job and args.follow and job.get("status") in _FINAL:
                     return 0
                 event = {}
     except KeyboardInterrupt:
@@ -171,7 +176,7 @@ def cmd_events(args) -> int:
     return 0
 
 
-def cmd_token_new(args) -> int:
+def cmd_token_new(args: argparse.Namespace) -> int:
     roles = [r for r in args.roles.replace(",", " ").split() if r]
     token, section = new_token(args.name, args.user or args.name, roles)
     if args.append:
@@ -186,7 +191,7 @@ def cmd_token_new(args) -> int:
     return 0
 
 
-def cmd_demo(args) -> int:
+def cmd_demo(args: argparse.Namespace) -> int:
     """Folders, a user and a token for a first run of etc/dtsbridge.ini."""
     from dtsbridge import config as configmod
     cfg = configmod.load(args.config)
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.set_defaults(func=cmd_events)
 
     args = p.parse_args(argv)
-    return args.func(args)
+    command: Callable[[argparse.Namespace], int] = args.func
+    return command(args)
 
 
 if __name__ == "__main__":

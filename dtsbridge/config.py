@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import configparser
 import os
-from typing import Mapping
+from typing import Literal, Mapping, overload
 
 import attrs
 
@@ -127,7 +127,20 @@ def _bool(section: str, key: str, value: str) -> bool:
     raise ConfigError(f"[{section}] {key}: expected true or false, got {value!r}")
 
 
-def _number(section: str, key: str, value: str, kind=int, minimum: float = 0, optional=False):
+@overload
+def _number(section: str, key: str, value: str, *, minimum: float = 0, optional: Literal[False] = False) -> int: ...
+@overload
+def _number(section: str, key: str, value: str, *, minimum: float = 0, optional: Literal[True]) -> int | None: ...
+@overload
+def _number(section: str, key: str, value: str, kind: type[float], minimum: float = 0,
+            optional: Literal[False] = False) -> float: ...
+@overload
+def _number(section: str, key: str, value: str, kind: type[float], minimum: float = 0,
+            optional: Literal[True] = ...) -> float | None: ...
+
+
+def _number(section: str, key: str, value: str, kind: type[float] = int, minimum: float = 0,
+            optional: bool = False) -> float | None:
     v = value.strip()
     if optional and v == "":
         return None

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from typing import Literal
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+#: A metric read at scrape time: its kind, name, help text and reader.
+_Source = tuple[Literal["gauge", "counter"], str, str, Callable[[], float]]
 
 
 class Metrics:
@@ -29,14 +35,14 @@ class Metrics:
                                       "size_only (no hash given) or unverified (a multipart ETag no part size matched)",
                                       ["check"], registry=r)
         self.in_flight = Gauge("dtsbridge_jobs_in_flight", "Copies running in this process", registry=r)
-        self._sources: list = []
+        self._sources: list[_Source] = []
         r.register(_Callbacks(self._sources))
 
-    def add_gauge(self, name: str, doc: str, read) -> None:
+    def add_gauge(self, name: str, doc: str, read: Callable[[], float]) -> None:
         """A gauge read at scrape time from ``read()`` (no I/O allowed in it)."""
         self._sources.append(("gauge", name, doc, read))
 
-    def add_counter(self, name: str, doc: str, read) -> None:
+    def add_counter(self, name: str, doc: str, read: Callable[[], float]) -> None:
         self._sources.append(("counter", name, doc, read))
 
     def render(self) -> bytes:
@@ -44,13 +50,13 @@ class Metrics:
 
 
 class _Callbacks:
-    def __init__(self, sources: list) -> None:
+    def __init__(self, sources: list[_Source]) -> None:
         self.sources = sources
 
-    def describe(self):
+    def describe(self) -> list[Metric]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         for kind, name, doc, read in self.sources:
             try:
                 value = float(read())

@@ -15,7 +15,7 @@ def _error(description: str) -> dict[str, Any]:
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
 
 
-def _ok(description: str, schema: str, headers: dict | None = None) -> dict[str, Any]:
+def _ok(description: str, schema: str, headers: dict[str, Any] | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"description": description,
                            "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}}}
     if headers:
