@@ -30,8 +30,8 @@ from typing import Any, Awaitable, Callable
 import txredisapi
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from dtsbridge.model import Job
 from dtsbridge.store import Store, StoreUnavailable, parse_events
@@ -82,7 +82,7 @@ class Entry:
         return self._frame
 
 
-def entries(raw) -> list[Entry]:
+def entries(raw: Any) -> list[Entry]:
     """Raw ``XRANGE`` entries as :class:`Entry` s (those without a job id or status are skipped)."""
     out: list[Entry] = []
     for entry_id, flat in raw or []:
@@ -106,7 +106,7 @@ class Subscriber:
         self.job_id = job_id
         self.last: tuple[int, int] = (0, 0)  # the newest event id sent
         self.buffer: list[tuple[str, Job, bytes | None]] | None = []  # live events held back during a replay
-        self.done: Deferred = Deferred()  # fires when the hub stops
+        self.done: Deferred[None] = Deferred()  # fires when the hub stops
         self.closed = False
 
     def wants(self, job: Job | Entry) -> bool:
@@ -142,10 +142,8 @@ class EventHub:
 
     log = Logger()
 
-    def __init__(self, store: Store, make_connection: Callable[[], Any], reactor=None,
+    def __init__(self, store: Store, make_connection: Callable[[], Any], reactor: IReactorTime,
                  keepalive: float = 15.0, block_ms: int = 2000) -> None:
-        if reactor is None:
-            from twisted.internet import reactor  # noqa: F811
         self.store = store
         self.make_connection = make_connection
         self.reactor = reactor
@@ -154,15 +152,15 @@ class EventHub:
         self.subscribers: set[Subscriber] = set()
         self.position: str | None = None  # the newest event id read
         self.events_read = 0
-        self._conn = None
+        self._conn: Any = None  # the reader's own txredisapi connection
         self._running = False
-        self._loop: Deferred | None = None
+        self._loop: Deferred[None] | None = None
         self._ping: task.LoopingCall | None = None
-        self._wake: Deferred | None = None
-        self._ready: list[Deferred] = []  # streams waiting for the reader's first position
+        self._wake: Deferred[None] | None = None
+        self._ready: list[Deferred[None]] = []  # streams waiting for the reader's first position
         self._replays = defer.DeferredSemaphore(REPLAY_WORKERS)
         self._pages: OrderedDict[str, list[Entry]] = OrderedDict()  # cursor -> a complete page
-        self._fetching: dict[str, list[Deferred]] = {}  # cursor -> streams waiting for that page
+        self._fetching: dict[str, list[Deferred[list[Entry]]]] = {}  # cursor -> streams waiting for that page
         self.pages_read = 0
 
     # -- life ----------------------------------------------------------------
@@ -291,7 +289,7 @@ class EventHub:
         """
         if self.position is not None:
             return
-        d = Deferred()
+        d: Deferred[None] = Deferred()
         self._ready.append(d)
         d.addTimeout(self.store.timeout * 2, self.reactor)
         try:
@@ -355,19 +353,18 @@ class EventHub:
         ensureDeferred(self._fetch(cursor))
         return await mine
 
-    def _wait(self, cursor: str) -> Deferred:
-        d: Deferred = Deferred()
+    def _wait(self, cursor: str) -> Deferred[list[Entry]]:
+        d: Deferred[list[Entry]] = Deferred()
         self._fetching[cursor].append(d)
         return d
 
     async def _fetch(self, cursor: str) -> None:
         try:
             page = entries(await self.store.event_entries(cursor, count=REPLAY_PAGE))
-        except Exception:  # noqa: BLE001 - handed to every stream waiting for this page
-            failure = Failure()
+        except Exception as e:  # noqa: BLE001 - handed to every stream waiting for this page
             for d in self._fetching.pop(cursor, []):
                 if not d.called:
-                    d.errback(failure)
+                    d.errback(e)
             return
         self.pages_read += 1
         if len(page) >= REPLAY_PAGE:
