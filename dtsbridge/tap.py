@@ -5,11 +5,12 @@
 1. the thread pool that runs the copy engine and every other blocking call;
 2. the embedded ``redis-server`` (``[redis] url = embedded``);
 3. the web server (Klein resource on the ``[server] listen`` endpoint);
-4. the bridge (job claiming, leases, recovery, staging timeouts);
+4. the worker (job claiming, copies, leases, recovery, staging timeouts), which the
+   request side (:class:`~dtsbridge.jobs.Jobs`, behind the web server) wakes;
 5. the watcher of the DTS area (``[watch] enabled``).
 
 Services stop in reverse order, one after the other (:class:`SequentialMultiService`),
-so on SIGTERM the watcher and the bridge stop first (new jobs get 503 while
+so on SIGTERM the watcher and the worker stop first (new jobs get 503 while
 running copies finish within ``[drain] grace_seconds``; the web server still
 listens meanwhile), then the web server, Redis and the pool.
 
@@ -34,12 +35,14 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import threadpool, usage
-from twisted.web.server import Site
 
 from dtsbridge import __version__, auth, config as configmod, engine
-from dtsbridge.core import Bridge, SpareExecutor
+from dtsbridge.http import QuietSite
+from dtsbridge.jobs import Jobs, Waiters
 from dtsbridge.metrics import Metrics
 from dtsbridge.store import Store, StoreUnavailable, connect
+from dtsbridge.users import Users
+from dtsbridge.worker import SpareExecutor, Worker
 
 log = Logger(namespace="dtsbridge")
 
@@ -73,7 +76,7 @@ class SequentialMultiService(service.MultiService):
     """A MultiService that stops its children one at a time, last first.
 
     Twisted's MultiService stops every child at once; dtsbridge needs order:
-    the bridge drains while the web server still answers (503 for new jobs)
+    the worker drains while the web server still answers (503 for new jobs)
     and Redis still records results, and the thread pool stops last.
     """
 
@@ -236,53 +239,52 @@ class AttachWhenReady(service.Service):
             self.reactor.stop()
 
 
-class BridgeService(service.Service):
-    """Runs the bridge's loops; on stop, drains (see :meth:`Bridge.stop`)."""
+class StoreService(service.Service):
+    """Closes the store's connections on stop (after the worker, started after it, has drained)."""
 
-    def __init__(self, bridge: Bridge, store: Store) -> None:
-        self.bridge = bridge
+    def __init__(self, store: Store) -> None:
         self.store = store
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        return ensureDeferred(self.store.close())
+
+
+class HaltWhenIdle(service.Service):
+    """SIGUSR2 toggles "halt when idle": the worker takes no more jobs and the process stops once it runs none."""
+
+    def __init__(self, worker: Worker, reactor: Any) -> None:
+        self.worker = worker
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
-        self.bridge.start()
-        self._install_signals()
 
-    def _install_signals(self) -> None:
-        reactor = self.bridge.reactor
-
-        def toggle(signum, frame) -> None:
-            def flip() -> None:
-                b = self.bridge
-                b.halt_when_idle = not b.halt_when_idle
-                log.info("SIGUSR2: halt when idle is now {state}", state="on" if b.halt_when_idle else "off")
-                if not b.halt_when_idle:
-                    b._claim_soon()
-                else:
-                    ensureDeferred(self._halt_when_idle())
-            reactor.callFromThread(flip)
+        def toggle(signum: int, frame: object) -> None:
+            self.reactor.callFromThread(self.flip)
 
         try:
             signal.signal(signal.SIGUSR2, toggle)
         except ValueError:  # not the main thread (tests)
             pass
 
+    def flip(self) -> None:
+        w = self.worker
+        w.halt_when_idle = not w.halt_when_idle
+        log.info("SIGUSR2: halt when idle is now {state}", state="on" if w.halt_when_idle else "off")
+        if not w.halt_when_idle:
+            w.claim_soon()
+        else:
+            ensureDeferred(self._halt_when_idle())
+
     async def _halt_when_idle(self) -> None:
         from twisted.internet.task import deferLater
-        b = self.bridge
-        while b.halt_when_idle and b.running:
-            await deferLater(b.reactor, 0.2, lambda: None)
-        if b.halt_when_idle:
+        w = self.worker
+        while w.halt_when_idle and w.active:
+            await deferLater(self.reactor, 0.2, lambda: None)
+        if w.halt_when_idle:
             log.info("SIGUSR2: current jobs finished; halting")
-            b.reactor.stop()
-
-    def stopService(self):
-        super().stopService()
-        return ensureDeferred(self._stop())
-
-    async def _stop(self) -> None:
-        await self.bridge.stop()
-        await self.store.close()
+            self.reactor.stop()
 
 
 class EventHubService(service.Service):
@@ -300,17 +302,17 @@ class EventHubService(service.Service):
         return ensureDeferred(self.hub.stop())
 
 
-def make_health(cfg: configmod.Config, store: Store, bridge: Bridge, run_in_thread, reactor):
+def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thread, reactor):
     async def health() -> list[str]:
         problems: list[str] = []
-        if bridge.draining:
+        if worker.draining:
             problems.append("draining: the process is shutting down")
-        stuck = bridge.stuck()
+        stuck = worker.stuck()
         if stuck:
             now = time.monotonic()
             problems.append(f"{len(stuck)} copy thread(s) stuck in ended jobs (a hung read?): "
                             + ", ".join(f"{r.job_id} for {now - r.ended_at:.0f} s" for r in stuck))
-            if len(bridge.running) >= bridge.max_threads():
+            if len(worker.active) >= worker.max_threads():
                 problems.append("no copy can start: the copy threads are all taken by stuck ones")
         try:
             d = defer.ensureDeferred(store.ping())
@@ -341,40 +343,6 @@ def make_health(cfg: configmod.Config, store: Store, bridge: Bridge, run_in_thre
 
 
 
-class QuietSite(Site):
-    """A Site that leaves successful polls (status, health, metrics GETs) out of the access log.
-
-    Pollers ask ``/transferStatus`` and ``/healthz`` many times a second; writing
-    an access-log line for each costs about a quarter of the request's time and
-    buries the lines that matter.  Every other request, and every poll that
-    fails (4xx/5xx), is logged as usual.
-    """
-
-    QUIET_PATHS = frozenset({b"/transferStatus", b"/healthz", b"/metrics"})
-
-    def __init__(self, resource, read_timeout: float | None = None, **kwargs: Any) -> None:
-        from dtsbridge.web import READ_TIMEOUT, BoundedRequest
-
-        kwargs.setdefault("requestFactory", BoundedRequest)
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
-        self.read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
-        self.on_refuse = None  # (route, code) -> None, for each request refused before any route ran
-
-    def protocol(self):
-        # A plain HTTP/1.1 channel that refuses big bodies at once and bounds slow clients
-        # (dtsbridge.web.BoundedChannel), instead of Twisted's generic HTTP/1.1-or-2 wrapper.
-        from dtsbridge.web import BoundedChannel
-
-        channel = BoundedChannel()
-        channel.read_timeout = self.read_timeout
-        channel.on_refuse = self.on_refuse
-        return channel
-
-    def log(self, request) -> None:
-        if request.method == b"GET" and request.code < 400 and request.path in self.QUIET_PATHS:
-            return
-        super().log(request)
-
 def makeService(options: Options) -> service.IService:
     from twisted.internet import reactor
 
@@ -384,7 +352,7 @@ def makeService(options: Options) -> service.IService:
         top.log_observer = json_log_observer()
 
     # 2 * max_jobs + 4: the copies of jobs that ended while their thread is stuck (a hung read)
-    # may hold up to max_jobs threads without keeping the next jobs from running (Bridge.max_threads)
+    # may hold up to max_jobs threads without keeping the next jobs from running (Worker.max_threads)
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=2 * cfg.max_jobs + 4, name="dtsbridge-copy")
     # Threads for files (widened for stuck copies), and the copy worker processes (started on first use).
     executor = ServiceExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
@@ -427,7 +395,13 @@ def makeService(options: Options) -> service.IService:
     store = Store(None if embedded else connect(redis_url, poolsize=poolsize, reactor=reactor),
                   prefix=cfg.key_prefix, timeout=cfg.redis_timeout, reactor=reactor,
                   retention_s=cfg.retention_seconds)
-    bridge = Bridge(cfg, store, run_in_thread, users, reactor=reactor, metrics=metrics, executor=executor)
+    policy = Users(cfg, users, run_in_thread)
+    waiters = Waiters()
+    # Test-only pauses at named points of a copy, read from the environment here, once.
+    faults = engine.Faults.parse(os.environ.get("DTSBRIDGE_FAULT_PAUSE"))
+    worker = Worker(cfg, store, policy, run_in_thread, reactor, metrics, on_ended=waiters.notify,
+                    executor=executor, faults=faults)
+    jobs = Jobs(cfg, store, policy, run_in_thread, worker, waiters, reactor, metrics)
     if isinstance(authenticator, auth.KBaseAuth):
         metrics.add_counter("dtsbridge_auth_cache_hits", "Token checks answered from the cache",
                             lambda: authenticator.cache_hits)
@@ -441,7 +415,7 @@ def makeService(options: Options) -> service.IService:
     hub = EventHub(store, lambda: connect(redis_url, poolsize=1, reactor=reactor), reactor=reactor)
     metrics.add_gauge("dtsbridge_event_streams", "Open GET /events streams in this process",
                       lambda: len(hub.subscribers))
-    api = Api(bridge, authenticator, health=make_health(cfg, store, bridge, run_in_thread, reactor),
+    api = Api(jobs, authenticator, metrics, health=make_health(cfg, store, worker, run_in_thread, reactor),
               openapi=spec(__version__, cfg.staging_max_timeout), events=hub)
     site = QuietSite(api.resource(), read_timeout=cfg.read_timeout)
     site.on_refuse = lambda route, code: metrics.requests.labels(route, str(code)).inc()
@@ -451,15 +425,17 @@ def makeService(options: Options) -> service.IService:
     if embedded is not None:
         AttachWhenReady(embedded, store, lambda: connect(redis_url, poolsize=poolsize, reactor=reactor),
                         reactor).setServiceParent(top)
-    BridgeService(bridge, store).setServiceParent(top)
+    StoreService(store).setServiceParent(top)
+    worker.setServiceParent(top)  # stops (drains) before the store closes
+    HaltWhenIdle(worker, reactor).setServiceParent(top)
     EventHubService(hub).setServiceParent(top)
     if cfg.webhook_urls:
         from dtsbridge.notify import Notifier
-        Notifier(cfg, store, bridge.holder, metrics=metrics, reactor=reactor).setServiceParent(top)
+        Notifier(cfg, store, worker.holder, metrics=metrics, reactor=reactor).setServiceParent(top)
 
     if cfg.watch_enabled:
         from dtsbridge.watch import WatchService
-        WatchService(bridge, run_in_thread).setServiceParent(top)
+        WatchService(jobs, run_in_thread).setServiceParent(top)
 
     for key in cfg.unknown_keys:
         log.warn("config: {key} is not a dtsbridge setting; ignored", key=key)

@@ -46,7 +46,8 @@ from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
 from dtsbridge import engine, errors
-from dtsbridge.core import Bridge, Periodic, RequestError
+from dtsbridge.jobs import Jobs
+from dtsbridge.worker import Periodic
 from dtsbridge.model import Status, now_iso
 from dtsbridge.store import StoreUnavailable
 
@@ -115,11 +116,11 @@ class WatchService(Service):
 
     log = Logger()
 
-    def __init__(self, bridge: Bridge, run_in_thread, clock=time.monotonic) -> None:
-        self.bridge = bridge
+    def __init__(self, jobs: Jobs, run_in_thread, clock=time.monotonic) -> None:
+        self.jobs = jobs
         self.run_in_thread = run_in_thread
         self.clock = clock
-        self.cfg = bridge.config
+        self.cfg = jobs.config
         self.seen: dict[str, tuple[tuple[int, int], float]] = {}
         #: folders this process knows are done -> when it last renewed their mark (clock)
         self.done: dict[str, float] = {}
@@ -130,16 +131,16 @@ class WatchService(Service):
     def startService(self) -> None:
         super().startService()
         # whatever a pass raises is logged and the next pass comes (never a dead loop)
-        self._loop = Periodic("watching the DTS area", self.cfg.watch_interval, self._poll, self.bridge.reactor)
-        self._loop.start(now=True)
+        self._loop = Periodic("watching the DTS area", self.cfg.watch_interval, self._poll, self.jobs.clock)
+        self._loop.startService()
 
     def stopService(self) -> None:
         super().stopService()
         if self._loop is not None:
-            self._loop.stop()
+            self._loop.stopService()
 
     def _poll(self) -> None:
-        if self._busy or self.bridge.draining:
+        if self._busy or self.jobs.draining:
             return
         self._busy = True
         d = ensureDeferred(self.scan())
@@ -155,7 +156,7 @@ class WatchService(Service):
             return []
         now = self.clock()
         queued = []
-        store = self.bridge.store
+        store = self.jobs.store
         for rel, sig in found.items():
             if rel in self.done:
                 if now - self.done[rel] >= KEEP_EVERY:
@@ -210,7 +211,7 @@ class WatchService(Service):
         True: queued here; False: the folder has its job already; None: another
         process is taking it right now (its mark expires if that process dies).
         """
-        store = self.bridge.store
+        store = self.jobs.store
         name = mark_name(rel)
         mark = await store.watched(name)
         if mark is not None:
@@ -218,7 +219,7 @@ class WatchService(Service):
                 return None
             await store.keep_watched(name)  # done before (a restart, another process): still here, still done
             return False
-        if not await store.mark_watched(name, self.bridge.holder):
+        if not await store.mark_watched(name, self.jobs.holder):
             return None
         if name != rel:
             return await self.refuse_name(rel, name)
@@ -233,18 +234,18 @@ class WatchService(Service):
                 if e.reason in (errors.SOURCE_NOT_FOUND, errors.SOURCE_CHANGED):
                     raise _Later() from None  # the folder or manifest moved meanwhile: look again next pass
                 # Cannot be parsed (bad JSON, nested too deep, a parse bomb) or read: one ERROR job.
-                raise RequestError(400, e.message, reason=e.reason) from None
+                raise errors.Invalid(e.message, reason=e.reason) from None
             if folder_user is not None and named is not None and named != folder_user:
-                raise RequestError(400, f"manifest.json names user {named!r}, but the folder is in "
-                                        f"{folder_user!r}'s DTS folder; nothing delivered",
-                                   reason=errors.MANIFEST_MISMATCH)
+                raise errors.Invalid(f"manifest.json names user {named!r}, but the folder is in "
+                                     f"{folder_user!r}'s DTS folder; nothing delivered",
+                                     reason=errors.MANIFEST_MISMATCH)
             user = named or user
             if not user:
-                raise RequestError(400, "the manifest names no username", reason=errors.MANIFEST_MISMATCH)
-            job, created = await self.bridge.submit(user, rel, "watcher", kind="watch")
+                raise errors.Invalid("the manifest names no username", reason=errors.MANIFEST_MISMATCH)
+            job, created = await self.jobs.submit(user, rel, "watcher", kind="watch")
             await store.watched_done(rel, job.job_id)
             self.log.info("watcher: {folder} for {user} is job {job_id}", folder=rel, user=user, job_id=job.job_id)
-        except RequestError as e:
+        except errors.Refused as e:
             job_id = await self.record_failure(rel, user or "", e)
             await store.watched_done(rel, job_id)
             self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
@@ -264,14 +265,14 @@ class WatchService(Service):
         """One ERROR job for a folder whose name is not UTF-8 (taken under ``name``)."""
         parts = rel.split("/")
         user = parts[0] if len(parts) == 2 and parts[1].startswith("dts-") and mark_name(parts[0]) == parts[0] else ""
-        e = RequestError(400, f"the folder's name '{shown(rel)}' is not valid UTF-8; it cannot be completed "
-                              f"(rename it in the DTS area)", reason=errors.BAD_REQUEST)
+        e = errors.Invalid(f"the folder's name '{shown(rel)}' is not valid UTF-8; it cannot be completed "
+                           f"(rename it in the DTS area)", reason=errors.BAD_REQUEST)
         try:
             job_id = await self.record_failure(shown(rel), user, e)
-            await self.bridge.store.watched_done(name, job_id)
+            await self.jobs.store.watched_done(name, job_id)
         except BaseException:
             try:
-                await self.bridge.store.unmark_watched(name)
+                await self.jobs.store.unmark_watched(name)
             except StoreUnavailable:
                 pass
             raise
@@ -279,9 +280,9 @@ class WatchService(Service):
                       msg=e.message, job_id=job_id)
         return True
 
-    async def record_failure(self, rel: str, user: str, e: RequestError) -> str:
+    async def record_failure(self, rel: str, user: str, e: errors.Refused) -> str:
         """A job in ERROR for a folder the watcher cannot complete, so operators see why."""
-        reason = e.extra.get("reason") or (errors.USER_NOT_FOUND if "user" in e.message else errors.BAD_REQUEST)
+        reason = e.reason or (errors.USER_NOT_FOUND if "user" in e.message else errors.BAD_REQUEST)
         job_id = str(uuid.uuid4())
         now = now_iso()
         fields: dict[str, Any] = {
@@ -289,6 +290,6 @@ class WatchService(Service):
             "submitter": "watcher", "kind": "watch", "time_submitted": now, "time_error": now,
             "reason": reason, "detailed_status": e.message,
         }
-        await self.bridge.store.create_job(job_id, fields, enqueue=False)
-        self.bridge.metrics.jobs_finished.labels("ERROR", reason).inc()
+        await self.jobs.store.create_job(job_id, fields, enqueue=False)
+        self.jobs.metrics.jobs_finished.labels("ERROR", reason).inc()
         return job_id

@@ -429,7 +429,7 @@ def test_logs_carry_job_id_and_never_a_secret(services, log_format):
         assert secret not in log, f"a secret ({secret[:6]}…) appears in the {log_format} log"
 
     if log_format == "text":
-        assert re.search(rf"\[dtsbridge\.core\.Bridge#info\] job {job_id} ended SUCCESS", log), b.log_tail()
+        assert re.search(rf"\[dtsbridge\.worker\.Worker#info\] job {job_id} ended SUCCESS", log), b.log_tail()
         return
     events = []
     for line in log.splitlines():

@@ -1,6 +1,6 @@
 """Periodic work never stops for good (issue 9, item 7).
 
-:class:`dtsbridge.core.Periodic` on a fake ``Clock``, then the bridge's own
+:class:`dtsbridge.worker.Periodic` on a fake ``Clock``, then the worker's own
 housekeeping driven by a fake ``Clock`` against a real redis-server whose keys
 make every lease renewal fail with an error that is not "connection lost".
 """
@@ -17,7 +17,9 @@ from twisted.internet.task import Clock, LoopingCall, deferLater
 from twisted.logger import LogLevel, capturedLogs
 
 from dtsbridge import config as configmod
-from dtsbridge.core import Bridge, Periodic, Running
+from dtsbridge.metrics import Metrics
+from dtsbridge.users import Users
+from dtsbridge.worker import Periodic, Running, Worker
 from dtsbridge.store import Store, connect
 from tests.redis_fixture import RedisProcess
 
@@ -46,7 +48,7 @@ def test_periodic_runs_at_every_tick_whatever_it_raises() -> None:
 
     p = Periodic("test task", 1.0, fn, clock)
     with capturedLogs() as events:
-        p.start(now=True)
+        p.startService()
         for _ in range(6):
             clock.advance(1.0)
     assert calls == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
@@ -55,7 +57,7 @@ def test_periodic_runs_at_every_tick_whatever_it_raises() -> None:
     # one traceback for the streak of four failures, then one line when it works again
     assert len(errors) == 1 and errors[0]["log_failure"].check(RuntimeError), errors
     assert [e for e in events if "works again" in e.get("log_format", "")][0]["n"] == 4
-    p.stop()
+    p.stopService()
     assert not p.running
     clock.advance(5)
     assert len(calls) == 7
@@ -73,7 +75,7 @@ def test_periodic_logs_a_long_streak_once_a_minute() -> None:
     clock = Clock()
     p = Periodic("failing task", 1.0, lambda: 1 / 0, clock)
     with capturedLogs() as events:
-        p.start(now=True)
+        p.startService()
         for _ in range(150):
             clock.advance(1.0)
     assert p.failures == 151 and p.running
@@ -91,13 +93,14 @@ async def test_housekeeping_survives_any_redis_error(redis_proc: RedisProcess, t
                                 "redis": {"url": redis_proc.url}, "copy": {"lease_seconds": "30"}}, environ={})
     store = Store(connect(redis_proc.url), prefix="pt", timeout=5, retention_s=60)
     clock = Clock()
-    bridge = Bridge(cfg, store, lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw), None, reactor=clock)
+    run = lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw)  # noqa: E731
+    worker = Worker(cfg, store, Users(cfg, None, run), run, clock, Metrics(), on_ended=lambda job_id: None)
     try:
         # one job this process runs, one job waiting for a stager that will time out
         running = str(uuid.uuid4())
         await store.create_job(running, {"status": "SUBMITTED", "target_user": "alice"})
-        assert await store.claim("tok", bridge.holder, 30, "2026-01-01T00:00:00.000Z") == running
-        bridge.running[running] = Running(job_id=running, token="tok", started=0)
+        assert await store.claim("tok", worker.holder, 30, "2026-01-01T00:00:00.000Z") == running
+        worker.active[running] = Running(job_id=running, token="tok", started=0)
         staged = str(uuid.uuid4())
         await store.create_job(staged, {"status": "STAGING", "target_user": "alice", "staging_timeout": "1"},
                                staging_s=0.5)
@@ -106,12 +109,12 @@ async def test_housekeeping_survives_any_redis_error(redis_proc: RedisProcess, t
         redis_proc.cli("SET", "pt:active", "not a sorted set")
 
         with capturedLogs() as events:
-            bridge.start()
+            worker.startService()
             for _ in range(4):
                 clock.advance(1.0)
                 await real_sleep(0.3)
-            assert bridge._tick.running and bridge._tick.runs >= 4, bridge._tick.runs
-            assert bridge._tick.failures >= 3
+            assert worker.housekeeping.running and worker.housekeeping.runs >= 4, worker.housekeeping.runs
+            assert worker.housekeeping.failures >= 3
             # the other steps ran even so: the staging timeout was applied
             assert (await store.get_job(staged)).status.value == "ERROR"
             # Redis fixed: renewals work again, nothing was lost
@@ -120,14 +123,14 @@ async def test_housekeeping_survives_any_redis_error(redis_proc: RedisProcess, t
             for _ in range(3):
                 clock.advance(1.0)
                 await real_sleep(0.3)
-        assert bridge._tick.failures == 0
+        assert worker.housekeeping.failures == 0
         assert int(float(redis_proc.cli("ZSCORE", "pt:active", running))) > 1  # renewed
         failures = [e for e in events if e.get("log_failure") is not None
                     and "housekeeping" in e.get("task", "")]
         assert len(failures) == 1 and "WRONGTYPE" in str(failures[0]["log_failure"].value)
         assert any("works again" in e.get("log_format", "") for e in events)
     finally:
-        bridge._poll.stop()
-        bridge._tick.stop()
-        bridge.running.clear()
+        worker.claims.stopService()
+        worker.housekeeping.stopService()
+        worker.active.clear()
         await store.close()

@@ -426,10 +426,13 @@ def test_client_hanging_up_does_not_fail_others_sharing_its_auth_call(services, 
 @pytest_twisted.ensureDeferred
 async def test_staging_path_checks_run_in_the_thread_pool(tmp_path: Path, monkeypatch) -> None:
     """``/submitTransfer`` and ``/doneStaging`` resolve the DTS root's real path in a pool thread only."""
-    from twisted.internet import threads
+    from twisted.internet import reactor, threads
 
-    from dtsbridge import auth, config as configmod
-    from dtsbridge.core import Bridge, RequestError
+    from dtsbridge import auth, config as configmod, errors
+    from dtsbridge.jobs import Jobs, Waiters
+    from dtsbridge.metrics import Metrics
+    from dtsbridge.users import Users
+    from dtsbridge.worker import Worker
 
     dts, users = tmp_path / "dts", tmp_path / "users"
     make_tree(dts / "stage" / "inner", {"a.txt": b"a"})
@@ -449,17 +452,19 @@ async def test_staging_path_checks_run_in_the_thread_pool(tmp_path: Path, monkey
         return real(p, *a, **k)
 
     monkeypatch.setattr(os.path, "realpath", spy)
-    bridge = Bridge(cfg, None, runner, auth.DirectoryUsers(str(users), runner))
+    policy = Users(cfg, auth.DirectoryUsers(str(users), runner), runner)
+    waiters = Waiters()
+    worker = Worker(cfg, None, policy, runner, reactor, Metrics(), on_ended=waiters.notify)
+    jobs = Jobs(cfg, None, policy, runner, worker, waiters, reactor, Metrics())
     # a bad staging_timeout is refused after the folder check and before any Redis call
-    with pytest.raises(RequestError) as info:
-        await bridge.submit_staging("alice", str(dts / "stage"), "dts", -1)
-    assert info.value.code == 400 and "staging_timeout" in info.value.message
+    with pytest.raises(errors.Invalid) as info:
+        await jobs.submit_staging("alice", str(dts / "stage"), "dts", -1)
+    assert "staging_timeout" in info.value.message
     assert on_reactor == [], on_reactor
-    source = await bridge.resolve_for_staging(str(dts / "stage"), str(dts / "stage" / "inner"))
+    source = await jobs.resolve_for_staging(str(dts / "stage"), str(dts / "stage" / "inner"))
     assert source.rel == "stage/inner"
-    with pytest.raises(RequestError) as info:
-        await bridge.resolve_for_staging("stage", str(dts / "elsewhere"))
-    assert info.value.code == 403
+    with pytest.raises(errors.Forbidden):
+        await jobs.resolve_for_staging("stage", str(dts / "elsewhere"))
     assert on_reactor == [], on_reactor
     assert in_threads
 
