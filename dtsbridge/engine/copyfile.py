@@ -341,26 +341,36 @@ def _copy_data(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_res
     job.fault_once("verify")
     # Read the whole copy back (asking for one byte more than written, so a longer file shows).
     check = _new_hash(checksum)
-    off = 0
-    reread = 0
-    while True:
-        job.check_stop()
-        want = min(blen, total + 1 - off)
-        n = os.preadv(dfd, [buf[:want]], off)
-        if n:
-            check.update(buf[:n])
-            off += n
-            reread += n
-            if reread >= PROGRESS_STEP:  # still moving: a long read-back is no stall
-                job.progress(0, 0)
-                reread = 0
-        if n < want or off > total:
-            break
+    off, _ = _read_hashing(job, dfd, total, [check], False)
     if off != total or check.digest() != main.digest():
         raise TransferError(CHECKSUM_MISMATCH, f"the copy of {rel!r} does not match its source")
     _finish_file(job, dfd, st, exact)
     job.verified(entry, dfd, st, main.hexdigest(), checked)
     return pending
+
+
+def _read_hashing(job: _Job, fd: int, size: int, hashers: list[Any], count: bool) -> tuple[int, int]:
+    """Read ``fd`` from its start into this thread's buffer, asking for one byte more than
+    ``size`` (so a longer file shows), and feed every hasher; returns (bytes read, bytes not yet
+    reported).  ``count``: the bytes are progress (else a keep-alive every MiB: a long read is no stall)."""
+    buf = _buffer()
+    blen = len(buf)
+    off = pending = 0
+    while True:
+        job.check_stop()
+        want = min(blen, size + 1 - off)
+        n = os.preadv(fd, [buf[:want]], off)
+        if n:
+            chunk = buf[:n]
+            for h in hashers:
+                h.update(chunk)
+            off += n
+            pending += n
+            if pending >= PROGRESS_STEP:
+                job.progress(pending if count else 0, 0)
+                pending = 0
+        if n < want or off > size:
+            return off, pending if count else 0
 
 
 def _manifest_hashers(job: _Job, rel: str, size: int) -> tuple[tuple[tuple[str, str], ...], list[Any]]:
@@ -423,26 +433,7 @@ def _check_clone(job: _Job, entry: _FileEntry, sfd: int, dfd: int, st: os.stat_r
     job.fault_once("copy")
     main = _new_hash(job.options.checksum)
     wanted, extra = _manifest_hashers(job, rel, size)
-    buf = _buffer()
-    blen = len(buf)
-    off = 0
-    pending = 0
-    while True:
-        job.check_stop()
-        want = min(blen, size + 1 - off)
-        n = os.preadv(sfd, [buf[:want]], off)
-        if n:
-            chunk = buf[:n]
-            main.update(chunk)
-            for h in extra:
-                h.update(chunk)
-            off += n
-            pending += n
-            if pending >= PROGRESS_STEP:
-                job.progress(pending, 0)
-                pending = 0
-        if n < want or off > size:
-            break
+    off, pending = _read_hashing(job, sfd, size, [main, *extra], True)
     st3 = os.fstat(sfd)
     if st3.st_size != size or st3.st_mtime_ns != st.st_mtime_ns:
         raise TransferError(SOURCE_CHANGED, f"{rel!r} changed while it was cloned")

@@ -85,12 +85,14 @@ def _run_files(job: _Job, executor: concurrent.futures.Executor | None, where: _
         window = max(workers, job.options.processes if procs is not None else 0) * 2
         first_error: BaseException | None = None
         it = _batches(files)
+        fut: concurrent.futures.Future[Any]
         while True:
             while first_error is None and len(inflight) < window:
                 job.check_stop()  # worker processes do not see a cancel: stop handing them batches
-                b = next(it, None)
-                if b is None:
+                nb = next(it, None)
+                if nb is None:
                     break
+                b = nb
                 if procs is not None and where is not None and all(f.size < PROCESS_FILE_MAX for f in b):
                     try:
                         hashes = {f.rel: job.hashes[f.rel] for f in b if f.rel in job.hashes}
