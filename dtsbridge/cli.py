@@ -25,7 +25,7 @@ import urllib.request
 from collections.abc import Callable
 from typing import Any
 
-from dtsbridge.auth import new_token
+from dtsbridge.tokenfile import new_token
 from dtsbridge.model import FINAL, Status
 
 #: The statuses a job ends in, as the API spells them.

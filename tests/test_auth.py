@@ -11,12 +11,13 @@ import urllib.request
 
 import pytest
 import pytest_twisted
-from twisted.internet import defer, threads
+from twisted.internet import defer, reactor, threads
 from twisted.logger import capturedLogs, formatEvent
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from dtsbridge.auth import (
+    Auth2,
     AuthUnavailable,
     DirectoryUsers,
     Identity,
@@ -93,7 +94,7 @@ async def fake():
 @pytest_twisted.async_yield_fixture
 async def kbase(fake):
     clock = FakeClock()
-    auth = KBaseAuth(fake.url, cache_seconds=300, timeout=2, clock=clock)
+    auth = KBaseAuth(Auth2(fake.url, reactor, timeout=2), cache_seconds=300, clock=clock)
     auth.test_clock = clock  # type: ignore[attr-defined]
     yield auth
     await within(auth.close())
@@ -235,6 +236,30 @@ def test_tokens_file_reload_on_change(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_tokens_file_reload_through_a_runner_that_answers_at_once(tmp_path):
+    """A thread runner whose Deferred has fired when it returns (a synchronous one) leaves no
+    reload "in progress" behind: every later change of the file is still picked up."""
+    clock = FakeClock(1000.0)
+    path = _tokens_file(tmp_path, {"one": ("tok-1", "u1", "R")})
+    auth = TokenFileAuth(str(path), clock=clock, run_in_thread=sync_runner, reactor=reactor)
+    assert (await within(auth.authenticate("tok-1"))).user == "u1"
+    for n, user in ((2, "u22"), (3, "u333"), (4, "u4444")):
+        _tokens_file(tmp_path, {f"s{n}": (f"tok-{n}", user, "R")})
+        clock.advance(1.5)
+        assert (await within(auth.authenticate(f"tok-{n}"))).user == user
+        with pytest.raises(Unauthorized):
+            await within(auth.authenticate(f"tok-{n - 1}"))
+
+
+def test_tokens_file_thread_runner_needs_the_reactor(tmp_path):
+    """No silent fallback to the global reactor: a runner without the reactor (which bounds the
+    wait for a slow reload) is refused when the authenticator is made."""
+    path = _tokens_file(tmp_path, {"one": ("tok-1", "u1", "R")})
+    with pytest.raises(TypeError, match="reactor"):
+        TokenFileAuth(str(path), run_in_thread=sync_runner)
+
+
+@pytest_twisted.ensureDeferred
 async def test_tokens_file_reload_runs_in_a_thread(tmp_path):
     """Issue 9 item 10: authenticate() checks and reads a changed file in a pool thread, never the reactor's."""
     import threading
@@ -247,7 +272,7 @@ async def test_tokens_file_reload_runs_in_a_thread(tmp_path):
         calls.append(f.__name__)
         return threads.deferToThread(f, *a, **k)
 
-    auth = TokenFileAuth(str(path), clock=clock, run_in_thread=runner)
+    auth = TokenFileAuth(str(path), clock=clock, run_in_thread=runner, reactor=reactor)
     main = threading.current_thread()
     seen: list[threading.Thread] = []
     real_stat = os.stat
@@ -378,7 +403,7 @@ async def test_kbase_broken_auth2_is_unavailable_not_unauthorized(fake, kbase, m
 
 @pytest_twisted.ensureDeferred
 async def test_kbase_wrong_url_is_unavailable(fake):
-    auth = KBaseAuth(fake.url + "/services/nothing", timeout=2)
+    auth = KBaseAuth(Auth2(fake.url + "/services/nothing", reactor, timeout=2))
     try:
         with pytest.raises(AuthUnavailable, match="404"):
             await within(auth.authenticate(TOKEN))
@@ -416,7 +441,7 @@ class _Canned(Resource):
 @pytest_twisted.ensureDeferred
 async def test_kbase_other_answers(code, doc, expected):
     port = _reactor().listenTCP(0, Site(_Canned(code, doc)), interface="127.0.0.1")
-    auth = KBaseAuth(f"http://127.0.0.1:{port.getHost().port}", timeout=2)
+    auth = KBaseAuth(Auth2(f"http://127.0.0.1:{port.getHost().port}", reactor, timeout=2))
     try:
         with pytest.raises(expected):
             await within(auth.authenticate(TOKEN))
@@ -428,7 +453,7 @@ async def test_kbase_other_answers(code, doc, expected):
 @pytest_twisted.ensureDeferred
 async def test_kbase_hanging_auth2_times_out(fake):
     fake.set_mode("hang")
-    auth = KBaseAuth(fake.url, timeout=0.5)
+    auth = KBaseAuth(Auth2(fake.url, reactor, timeout=0.5))
     try:
         start = time.monotonic()
         with pytest.raises(AuthUnavailable, match="in time"):
@@ -440,7 +465,7 @@ async def test_kbase_hanging_auth2_times_out(fake):
 
 @pytest_twisted.ensureDeferred
 async def test_kbase_down_is_unavailable():
-    auth = KBaseAuth(closed_port_url(), timeout=2)
+    auth = KBaseAuth(Auth2(closed_port_url(), reactor, timeout=2))
     try:
         with pytest.raises(AuthUnavailable):
             await within(auth.authenticate(TOKEN))
@@ -475,7 +500,7 @@ async def test_kbase_cache_honours_cachefor(fake, kbase):
 @pytest_twisted.ensureDeferred
 async def test_kbase_cache_capped_by_cache_seconds(fake):
     clock = FakeClock()
-    auth = KBaseAuth(fake.url, cache_seconds=5, timeout=2, clock=clock)
+    auth = KBaseAuth(Auth2(fake.url, reactor, timeout=2), cache_seconds=5, clock=clock)
     try:
         fake.add_token("tok-long", "alice", cachefor=3_600_000)
         await within(auth.authenticate("tok-long"))
@@ -519,7 +544,7 @@ async def test_kbase_rejections_cached_briefly(fake, kbase):
 
 @pytest_twisted.ensureDeferred
 async def test_kbase_cache_size_is_bounded(fake):
-    auth = KBaseAuth(fake.url, timeout=2, max_cache_entries=2)
+    auth = KBaseAuth(Auth2(fake.url, reactor, timeout=2), max_cache_entries=2)
     try:
         for t in ("t1", "t2", "t3"):
             fake.add_token(t, "alice")
@@ -630,7 +655,7 @@ async def test_passwd_users():
 
 @pytest_twisted.ensureDeferred
 async def test_kbase_users(fake):
-    users = KBaseUsers(fake.url, "tok-service", timeout=2)
+    users = KBaseUsers(Auth2(fake.url, reactor, timeout=2), "tok-service")
     try:
         assert await within(users.exists("alice")) is True
         assert await within(users.exists("carol")) is False
@@ -650,9 +675,9 @@ async def test_kbase_users(fake):
 
 @pytest_twisted.ensureDeferred
 async def test_kbase_users_failures_are_unavailable(fake):
-    bad = KBaseUsers(fake.url, "wrong-service-token", timeout=2)
-    users = KBaseUsers(fake.url, "tok-service", timeout=0.5)
-    down = KBaseUsers(closed_port_url(), "tok-service", timeout=2)
+    bad = KBaseUsers(Auth2(fake.url, reactor, timeout=2), "wrong-service-token")
+    users = KBaseUsers(Auth2(fake.url, reactor, timeout=0.5), "tok-service")
+    down = KBaseUsers(Auth2(closed_port_url(), reactor, timeout=2), "tok-service")
     try:
         with pytest.raises(AuthUnavailable):
             await within(bad.exists("alice"))
@@ -668,7 +693,8 @@ async def test_kbase_users_failures_are_unavailable(fake):
 
 
 def test_make_user_checker(tmp_path):
-    kw = dict(user_root=str(tmp_path), base_url="http://127.0.0.1:1", service_token="s", run_in_thread=sync_runner)
+    kw = dict(user_root=str(tmp_path), auth2=Auth2("http://127.0.0.1:1", reactor), service_token="s",
+              run_in_thread=sync_runner)
     assert isinstance(make_user_checker("directory", **kw), DirectoryUsers)
     assert isinstance(make_user_checker("passwd", **kw), PasswdUsers)
     assert isinstance(make_user_checker("kbase", **kw), KBaseUsers)
@@ -676,6 +702,8 @@ def test_make_user_checker(tmp_path):
         make_user_checker("ldap", **kw)
     with pytest.raises(ValueError):
         make_user_checker("kbase", **{**kw, "service_token": ""})
+    with pytest.raises(ValueError, match="kbase_url"):
+        make_user_checker("kbase", **{**kw, "auth2": None})
 
 
 # ---------------------------------------------------------------------------
