@@ -382,8 +382,9 @@ def makeService(options: Options) -> service.IService:
         redis_url = embedded.url
 
     try:
-        authenticator = _make_auth(cfg, reactor, run_in_thread)
-        users = auth.make_user_checker(cfg.users_check, user_root=cfg.user_root, base_url=cfg.kbase_url,
+        auth2 = auth.Auth2(cfg.kbase_url, reactor, timeout=cfg.auth_timeout) if cfg.kbase_url else None
+        authenticator = _make_auth(cfg, reactor, run_in_thread, auth2)
+        users = auth.make_user_checker(cfg.users_check, user_root=cfg.user_root, auth2=auth2,
                                        service_token=cfg.service_token, run_in_thread=run_in_thread)
     except (ValueError, OSError) as e:
         sys.stderr.write(f"dtsbridge: configuration error: {e}\n")
@@ -445,11 +446,12 @@ def makeService(options: Options) -> service.IService:
     return top
 
 
-def _make_auth(cfg: configmod.Config, reactor, run_in_thread=None):
+def _make_auth(cfg: configmod.Config, reactor, run_in_thread, auth2):
     if cfg.auth_backend == "tokens":
         if not os.path.isfile(cfg.tokens_file):
             raise ValueError(f"[auth] tokens_file: {cfg.tokens_file} does not exist "
                              f"(make one with: dtsbridge token new NAME >> {cfg.tokens_file})")
-        return auth.TokenFileAuth(cfg.tokens_file, run_in_thread=run_in_thread)
-    return auth.KBaseAuth(cfg.kbase_url, cache_seconds=cfg.auth_cache_seconds, timeout=cfg.auth_timeout,
-                          reactor=reactor)
+        return auth.TokenFileAuth(cfg.tokens_file, run_in_thread=run_in_thread, reactor=reactor)
+    if auth2 is None:
+        raise ValueError("[auth] backend = kbase needs [auth] kbase_url")
+    return auth.KBaseAuth(auth2, cache_seconds=cfg.auth_cache_seconds)
