@@ -12,13 +12,16 @@ same to a real ``twistd`` and count what the restarted process wrote
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,3 +373,57 @@ def test_every_verified_file_is_journaled(env: Env, monkeypatch: pytest.MonkeyPa
     files = tree_of(src)
     assert sorted(r[0] for r in seen) == sorted(files)
     assert all(r[1] == len(files[r[0]]) for r in seen)
+
+
+@contextlib.contextmanager
+def slow_disk_journal(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Any, int, threading.Event,
+                                                                                        threading.Event]]:
+    """A journal checkpointing every 10 bytes whose syncfs waits for ``release`` (``held``: one is waiting)."""
+    monkeypatch.setattr(engine.journal, "CHECKPOINT_BYTES", 10)
+    held, release = threading.Event(), threading.Event()
+    real = engine.journal._syncfs
+
+    def slow_disk(fd: int) -> None:
+        held.set()
+        assert release.wait(30)
+        real(fd)
+
+    monkeypatch.setattr(engine.journal, "_syncfs", slow_disk)
+    d = tmp_path / "t"
+    d.mkdir(mode=0o700)
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        j = engine._Journal(fd, "xxh3", fsync=True)
+        j.add([("a", 20, 1, 2, 3, "h1", [], "")], background=True)
+        assert held.wait(10)  # the checkpoint waits for the disk, the adder does not
+        j.add([("b", 20, 4, 5, 6, "h2", [], "")], background=True)  # due again meanwhile
+        yield j, fd, held, release
+    finally:
+        os.close(fd)
+
+
+def test_a_checkpoint_due_from_the_batch_collector_runs_beside_it(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """Records from worker processes: the thread handing out their batches never waits for the disk;
+    checkpoints run one at a time beside it, and close waits for the one under way."""
+    with slow_disk_journal(tmp_path, monkeypatch) as (j, fd, held, release):
+        closer = threading.Thread(target=j.close)
+        closer.start()
+        closer.join(0.3)
+        assert closer.is_alive()  # close waits for the checkpoint under way
+        release.set()
+        closer.join(30)
+        assert not closer.is_alive()
+        assert set(engine._read_journal(fd, "xxh3")) == {"a", "b"}
+
+
+def test_background_checkpoints_cover_records_added_meanwhile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checkpoint asked for while one ran runs next: both records end up durable."""
+    with slow_disk_journal(tmp_path, monkeypatch) as (j, fd, held, release):
+        release.set()
+        deadline = time.monotonic() + 10
+        while j._syncer is not None and time.monotonic() < deadline:  # noqa: SLF001
+            time.sleep(0.01)
+        j.close()
+        recs = engine._read_journal(fd, "xxh3")
+        assert recs["a"].durable and recs["b"].durable

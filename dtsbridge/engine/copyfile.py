@@ -149,10 +149,10 @@ class _Job:
         elif self.journal is not None:
             self.journal_add([rec])
 
-    def journal_add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True) -> None:
+    def journal_add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True, background: bool = False) -> None:
         if self.journal is None:
             return
-        self.journal.add(recs, checkpoint)
+        self.journal.add(recs, checkpoint, background)
         if self.faults and 2 * self.journal.recorded >= self.plan.bytes:
             self.fault_once("half")
 

@@ -19,6 +19,7 @@ because of its name.
 
 from __future__ import annotations
 
+import contextvars
 import json
 import logging
 import os
@@ -59,6 +60,8 @@ class _Journal:
         self.lines = 0  # records written
         self.recorded = 0  # their bytes
         self.unsynced = 0
+        self._syncer: threading.Thread | None = None  # the background checkpoint, while one runs
+        self._again = False  # another was asked for meanwhile
         self._write([{"v": _JOURNAL_VERSION, "checksum": checksum}])
 
     def _write(self, objs: list[dict[str, Any]]) -> None:
@@ -67,8 +70,13 @@ class _Journal:
         data = "".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs).encode()
         _write_all(self.fd, memoryview(data))  # O_APPEND: one write per call, never interleaved
 
-    def add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True) -> None:
-        """Append records; with ``checkpoint`` (files written by this attempt) they count towards the next sync."""
+    def add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True, background: bool = False) -> None:
+        """Append records; with ``checkpoint`` (files written by this attempt) they count towards the next sync.
+
+        ``background``: a checkpoint that falls due runs in a thread of its own (for the
+        thread that hands batches to the worker processes: while it waited for the disk,
+        ~0.2 s per 256 MiB of small files here, the workers ran out of work).
+        """
         if not recs:
             return
         objs = [{"p": rel, "s": size, "i": ino, "si": sino, "m": mtime, "h": digest, "mh": mh, "mr": mr}
@@ -84,7 +92,29 @@ class _Journal:
             if due:
                 self.unsynced = 0
         if due:
+            if background:
+                self._checkpoint_soon()
+            else:
+                self.checkpoint()
+
+    def _checkpoint_soon(self) -> None:
+        """Checkpoint in a background thread: one at a time, and once more after it if asked meanwhile."""
+        with self.lock:
+            if self._syncer is not None:
+                self._again = True
+                return
+            t = self._syncer = threading.Thread(target=contextvars.copy_context().run, args=(self._sync_loop,),
+                                                name="dtsbridge-checkpoint", daemon=True)
+        t.start()
+
+    def _sync_loop(self) -> None:
+        while True:
             self.checkpoint()
+            with self.lock:
+                if not self._again or self.fd is None:
+                    self._syncer = None
+                    return
+                self._again = False
 
     def checkpoint(self) -> None:
         """syncfs, then record that every line written before it is on disk with its file's data."""
@@ -102,8 +132,12 @@ class _Journal:
             self.sync_lock.release()
 
     def close(self) -> None:
+        """Close the journal, once a background checkpoint (which syncs its folder) is done."""
         with self.lock:
             fd, self.fd = self.fd, None
+            syncer = self._syncer
+        if syncer is not None:
+            syncer.join()
         _close(fd)
 
 

@@ -343,7 +343,7 @@ def _worker_result(job: _Job, result: tuple[Any, ...]) -> BaseException | None:
         job.cloned(result[4], result[3])
         if not result[5]:
             job.reflink = False
-        job.journal_add(result[9])
+        job.journal_add(result[9], background=True)  # the batches keep going out while it syncs
         return None
     return TransferError(result[1], result[2])
 
