@@ -56,6 +56,10 @@ cloned with ``ioctl(FICLONE)`` instead, through the very descriptors a copy
 would use, and the clone is read and hashed once (against the manifest's
 hashes when it gives some); the first "cannot clone here" answer
 (``EOPNOTSUPP``, ``EXDEV``, ``EINVAL``, ``ENOTTY``) makes the rest of the job copy.
+A copy is never judged by the manifest alone: copying with ``copy_file_range``
+and hashing only the copy was measured no faster here (md5 is the cost, and it
+is one pass either way), so every byte is read from the source (hashed as
+read) and again from the copy, which must hash the same.
 
 Modules, in the order a job uses them:
 
