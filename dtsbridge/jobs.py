@@ -30,10 +30,11 @@ from twisted.logger import Logger
 
 from dtsbridge import engine, errors
 from dtsbridge.config import Config
+from dtsbridge.interfaces import ThreadRunner
 from dtsbridge.metrics import Metrics
 from dtsbridge.model import Job, Status, looks_like_job_id, now_iso
 from dtsbridge.store import Store, StoreUnavailable
-from dtsbridge.users import RunInThread, Users, staging_rel
+from dtsbridge.users import Users, staging_rel
 
 
 class Copier(Protocol):
@@ -98,7 +99,7 @@ class Jobs:
 
     log = Logger()
 
-    def __init__(self, config: Config, store: Store, users: Users, run_in_thread: RunInThread,
+    def __init__(self, config: Config, store: Store, users: Users, run_in_thread: ThreadRunner,
                  worker: Copier, waiters: Waiters, clock: IReactorTime, metrics: Metrics) -> None:
         self.config = config
         self.store = store

@@ -15,21 +15,16 @@ from __future__ import annotations
 import os
 import pwd
 import stat
-from typing import Any, Callable
-
-from twisted.internet.defer import Deferred
 
 from dtsbridge import engine, errors
-from dtsbridge.auth import UserChecker
 from dtsbridge.config import Config
-
-RunInThread = Callable[..., "Deferred[Any]"]
+from dtsbridge.interfaces import ThreadRunner, UserChecker
 
 
 class Users:
     """The user checks of a request and the ownership of a user's copied files."""
 
-    def __init__(self, config: Config, checker: UserChecker, run_in_thread: RunInThread) -> None:
+    def __init__(self, config: Config, checker: UserChecker, run_in_thread: ThreadRunner) -> None:
         self.config = config
         self.checker = checker
         self.run_in_thread = run_in_thread

@@ -22,25 +22,28 @@ import concurrent.futures
 import os
 import secrets
 import socket
-import threading
 import time
-from typing import Any, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
 
-import attrs
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.threads import blockingCallFromThread
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from dtsbridge import engine, errors
 from dtsbridge.config import Config
 from dtsbridge.metrics import Metrics
-from dtsbridge.model import Job, Status, now_iso, user_path
+from dtsbridge.model import Status, now_iso
 from dtsbridge.store import Store, StoreUnavailable
-from dtsbridge.users import RunInThread, Users
+from dtsbridge.attempt import Attempt, Fields, Running, Temps
+from dtsbridge.interfaces import ThreadRunner
+
+if TYPE_CHECKING:
+    from dtsbridge.interfaces import Reactor
+from dtsbridge.users import Users
 
 T = TypeVar("T")
 
@@ -61,9 +64,9 @@ class Periodic(TimerService):
 
     log = Logger()
 
-    def __init__(self, name: str, interval: float, fn: Callable[[], object], clock: Any) -> None:
-        super().__init__(interval, self._once)
-        self.clock = clock
+    def __init__(self, name: str, interval: float, fn: Callable[[], object], clock: IReactorTime) -> None:
+        TimerService.__init__(self, interval, self._once)
+        self.clock = self._clock = clock
         self.name = name
         self.interval = interval
         self.fn = fn
@@ -89,7 +92,7 @@ class Periodic(TimerService):
 
     def _failed(self, f: Failure) -> None:
         self.failures += 1
-        now = self.clock.seconds()
+        now = self._clock.seconds()
         if self._logged_at is None:
             self.log.failure("{task} failed; it runs again in {interval:g} s", f, task=self.name,
                              interval=self.interval)
@@ -98,26 +101,6 @@ class Periodic(TimerService):
             self.log.warn("{task} still failing ({n} runs in a row): {error}", task=self.name, n=self.failures,
                           error=f.getErrorMessage())
             self._logged_at = now
-
-
-@attrs.define
-class Running:
-    """A copy this process is running."""
-
-    job_id: str
-    token: str
-    started: float
-    stop: threading.Event = attrs.Factory(threading.Event)
-    files_done: int = 0
-    bytes_done: int = 0
-    files_total: int | None = None
-    bytes_total: int | None = None
-    phase: str = "starting"
-    lost: bool = False
-    moved: float = 0.0  # time.monotonic() of the engine's last progress report (0: started)
-    ended: Status | None = None  # the job ended while its copy still runs (stalled, timeout, cancel)
-    ended_at: float = 0.0  # time.monotonic() when it was so ended
-    widened: bool = False  # the file executor was widened for its possibly stuck threads
 
 
 class SpareExecutor(concurrent.futures.ThreadPoolExecutor):
@@ -133,18 +116,16 @@ class SpareExecutor(concurrent.futures.ThreadPoolExecutor):
             self._max_workers = max(1, self._max_workers + n)
 
 
-Fields = dict[str, Any]
-
 
 class Worker(MultiService):
     """Claims and runs this process's copies; keeps their leases; recovers and sweeps for the cluster."""
 
     log = Logger()
 
-    def __init__(self, config: Config, store: Store, users: Users, run_in_thread: RunInThread, reactor: Any,
+    def __init__(self, config: Config, store: Store, users: Users, run_in_thread: ThreadRunner, reactor: Reactor,
                  metrics: Metrics, on_ended: Callable[[str], None], executor: concurrent.futures.Executor | None = None,
                  faults: engine.Faults = engine.Faults()) -> None:
-        super().__init__()
+        MultiService.__init__(self)
         self.config = config
         self.store = store
         self.users = users
@@ -154,6 +135,7 @@ class Worker(MultiService):
         self.on_ended = on_ended
         self.executor = executor
         self.faults = faults
+        self.temps = Temps(config, store, run_in_thread)
         self.holder = f"{socket.gethostname()}:{os.getpid()}"
         self.active: dict[str, Running] = {}  # job_id -> its copy here
         self.draining = False
@@ -169,14 +151,17 @@ class Worker(MultiService):
         for name, what in (("queued", "Jobs waiting in the queue"), ("staging", "Jobs waiting for a stager"),
                            ("active", "Jobs claimed by a worker")):
             metrics.add_gauge(f"dtsbridge_jobs_{name}", f"{what} (all processes; as of the last tick)",
-                              lambda name=name: self.counts[name])
+                              self._count(name))
         metrics.add_counter("dtsbridge_redis_errors", "Redis errors and timeouts seen by this process",
                             lambda: self.store.errors)
+
+    def _count(self, name: str) -> Callable[[], int]:
+        return lambda: self.counts[name]
 
     # -- lifecycle -------------------------------------------------------
 
     def startService(self) -> None:
-        super().startService()
+        MultiService.startService(self)
         self.reactor.callLater(0, lambda: ensureDeferred(self.recover_dead_local()))
 
     def stopService(self) -> Deferred[None]:
@@ -299,7 +284,7 @@ class Worker(MultiService):
         finally:
             self._claiming = False
 
-    async def _retrying(self, what: str, job_id: str, call: Callable[[], Awaitable[T]]) -> T:
+    async def retrying(self, what: str, job_id: str, call: Callable[[], Awaitable[T]]) -> T:
         """Keep trying a Redis call through an outage; a copy's result must not be lost.
 
         Once the process is stopping (:meth:`drain` is handing jobs back) it gives up
@@ -324,7 +309,7 @@ class Worker(MultiService):
         fields: Fields = {}
         try:
             self.metrics.jobs_started.inc()
-            status, fields = await self._copy(run)
+            status, fields = await Attempt(self, run).run()
         except StoreUnavailable as e:
             # Redis away (at shutdown _retrying gives up): not the job's failure. Its lease lapses
             # and it is taken up again, here or elsewhere.
@@ -343,7 +328,7 @@ class Worker(MultiService):
                               job_id=job_id)
                 return
             try:
-                ended = await self._retrying("recording the result", job_id, lambda: self.store.finish(
+                ended = await self.retrying("recording the result", job_id, lambda: self.store.finish(
                     job_id, token, status.value, now_iso(), fields))
             except StoreUnavailable as e:
                 self.log.warn("job {job_id}: could not record its result at shutdown ({e}); its lease will "
@@ -362,126 +347,6 @@ class Worker(MultiService):
             self.metrics.in_flight.set(len(self.active))
             self.on_ended(job_id)
             self.claim_soon()
-
-    async def _copy(self, run: Running) -> tuple[Status, Fields]:
-        """Copy, verify and publish ``run``'s job; its final status and fields (raises only on a bug)."""
-        job = await self._retrying("reading the job", run.job_id, lambda: self.store.get_job(run.job_id))
-        if job is None:
-            return Status.ERROR, {"reason": errors.INTERNAL, "detailed_status": "job record vanished"}
-        cfg = self.config
-        dest_parts = [p for p in job.dest_parts.split("/") if p]
-        attempt = run.token
-        self.log.info("job {job_id}: copying {folder} for {user} (attempt {attempt})", job_id=job.job_id,
-                      folder=job.source_rel, user=job.target_user, attempt=job.extra.get("attempts"))
-        try:
-            if not job.source_rel:
-                raise errors.TransferError(errors.SOURCE_NOT_FOUND, "the job names no source folder")
-            source = engine.Source(rel=job.source_rel, name=job.source_rel.rsplit("/", 1)[-1])
-            # A previous attempt may have published before its process died.
-            if job.extra.get("publish_ino"):
-                found = await self._published_before(run, job, dest_parts, source)
-                if found is not None:
-                    return Status.SUCCESS, found
-            # Resume: the latest earlier attempt's folder (as recorded) is kept for this attempt to
-            # take its verified files from; every other one goes now, that one once the copy ends.
-            resume_from = next((r for r in reversed(engine.TempRecord.decode_all(job.extra.get("temp_dirs")))
-                                if not r.pending and r.attempt != attempt), None)
-            await self._cleanup_temps(job, dest_parts, keep=resume_from)
-            uid, gid = await self.run_in_thread(self.users.ownership, job.target_user)
-            options = engine.CopyOptions(checksum=cfg.checksum, uid=uid, gid=gid,
-                                         max_bytes=cfg.max_payload_bytes, fsync=cfg.fsync, workers=cfg.threads,
-                                         processes=cfg.processes, reflink=cfg.reflink, faults=self.faults)
-            copy = _Copy(self, run, self.metrics)
-            # Recorded before the folder is made (then with its inode as soon as it is), so
-            # that a crash at any moment leaves a folder a later cleanup knows to be ours.
-            pending = engine.TempRecord(attempt).encode()
-            if not await self._retrying("recording the temporary folder", run.job_id,
-                                        lambda: self.store.add_temp(run.job_id, run.token, pending)):
-                raise errors.TransferError(errors.CANCELLED, "lost claim")
-            try:
-                result = await self.run_in_thread(
-                    engine.copy_tree, cfg.dts_root, source, cfg.user_root, dest_parts, job.job_id, attempt, options,
-                    on_plan=copy.on_plan, on_progress=copy.on_progress, should_stop=run.stop.is_set,
-                    before_publish=copy.before_publish, on_temp=copy.on_temp, executor=self.executor,
-                    resume_from=resume_from)
-            except Exception:
-                # copy_tree removed its folder; make sure (by inode) before forgetting it.
-                await self._settle_attempt(job.job_id, dest_parts, attempt, copy.made or [engine.TempRecord(attempt)])
-                raise
-            finally:
-                if resume_from is not None:  # what is left of the earlier attempt's folder
-                    await self._settle_attempt(job.job_id, dest_parts, resume_from.attempt, [resume_from])
-            await self._settle_attempt(job.job_id, dest_parts, attempt, [])  # published: nothing to remove
-        except errors.TransferError as e:
-            if e.reason == errors.CANCELLED:
-                return Status.CANCELLED, {"detailed_status": "cancelled; everything made for it was removed"}
-            return Status.ERROR, {"reason": e.reason, "detailed_status": e.message,
-                                  "files_done": run.files_done, "bytes_done": run.bytes_done}
-        copy.phase_done("publish")
-        return Status.SUCCESS, await self._success(job, source, result, copy.scanned)
-
-    async def _published_before(self, run: Running, job: Job, dest_parts: list[str],
-                                 source: engine.Source) -> Fields | None:
-        """The success fields when an earlier attempt published before its process died, else None."""
-        name = await self.run_in_thread(
-            engine.find_published, self.config.user_root, dest_parts, source.name,
-            int(job.extra["publish_dev"]), int(job.extra["publish_ino"]))
-        if name is None:
-            await self._retrying("clearing a dead attempt's publish record", job.job_id,
-                                 lambda: self.store.unfence(job.job_id, run.token))
-            return None
-        await self._cleanup_temps(job, dest_parts)
-        self.log.info("job {job_id}: found its folder {name} published before a crash", job_id=job.job_id, name=name)
-        files = int(job.extra.get("publish_files") or job.files_total or 0)
-        nbytes = int(job.extra.get("publish_bytes") or job.bytes_total or 0)
-        return {"path": user_path(job.target_user, self.config.target_subdir, name),
-                "files_total": files, "files_done": files, "bytes_total": nbytes, "bytes_done": nbytes,
-                "detailed_status": f"published {name} (recovered after a restart)"}
-
-    async def _success(self, job: Job, source: engine.Source, result: engine.Result,
-                       scanned: list[engine.Plan]) -> Fields:
-        """The fields of a published copy (and the source deleted, with ``[paths] delete_source``)."""
-        cfg = self.config
-        self.metrics.bytes_copied.inc(result.bytes)
-        self.metrics.files_copied.inc(result.files)
-        detail = f"copied and verified {result.files} files ({result.bytes} bytes) to {result.name}"
-        fields: Fields = {
-            "path": user_path(job.target_user, cfg.target_subdir, result.name),
-            "files_total": result.files, "files_done": result.files,
-            "bytes_total": result.bytes, "bytes_done": result.bytes,
-        }
-        if result.files_cloned:
-            fields["files_cloned"] = result.files_cloned
-            fields["bytes_cloned"] = result.bytes_cloned
-            detail += f" ({result.files_cloned} cloned)"
-        if result.files_resumed:
-            fields["files_resumed"] = result.files_resumed
-            fields["bytes_resumed"] = result.bytes_resumed
-            detail += (f"; resumed: {result.files_resumed} files ({result.bytes_resumed} bytes) verified by an "
-                       "earlier attempt were kept")
-        if result.has_manifest:
-            fields.update(manifest_resources=result.manifest_resources, manifest_hashed=result.hashed,
-                          manifest_size_only=result.size_only, manifest_unverified=result.unverified)
-            detail += _manifest_detail(result)
-            for check, n in (("hashed", result.hashed), ("size_only", result.size_only),
-                             ("unverified", result.unverified)):
-                if n:
-                    self.metrics.manifest_files.labels(check).inc(n)
-        fields["detailed_status"] = detail
-        if cfg.delete_source and not scanned:
-            fields["detailed_status"] = detail + "; the source was kept: no record of what was copied"
-        elif cfg.delete_source:
-            try:
-                kept = await self.run_in_thread(engine.remove_source, cfg.dts_root, source, scanned[-1])
-                if kept is None:
-                    fields["source_deleted"] = True
-                else:
-                    self.log.warn("job {job_id}: the source was kept partially: {kept}", job_id=job.job_id, kept=kept)
-                    fields["detailed_status"] = detail + f"; the source was kept partially: {kept}"
-            except Exception as e:  # noqa: BLE001 - the copy stands; say what was left
-                self.log.warn("job {job_id}: could not delete the source: {e}", job_id=job.job_id, e=e)
-                fields["detailed_status"] = detail + f"; the source could not be deleted: {e}"
-        return fields
 
     # -- housekeeping ------------------------------------------------------
 
@@ -538,7 +403,7 @@ class Worker(MultiService):
         for job_id in requeued:
             self.log.info("job {job_id}: lease lapsed; back in the queue", job_id=job_id)
         for job_id in ended:
-            await self._cleanup_ended(job_id)
+            await self.temps.cleanup_ended(job_id)
         if requeued:
             self.claim_soon()
 
@@ -593,45 +458,7 @@ class Worker(MultiService):
                 self.metrics.job_seconds.labels(Status.ERROR.value).observe(now - run.started)
                 self.on_ended(run.job_id)
 
-    # -- temporary folders and recovery --------------------------------------
-
-    async def _cleanup_temps(self, job: Job, dest_parts: list[str], keep: engine.TempRecord | None = None) -> int:
-        """Remove the temporary folders earlier attempts of ``job`` recorded making, then forget them.
-
-        Each is checked by device, inode, birth time and owner (engine.cleanup_temp),
-        never taken on its name: a look-alike the user or DTS made is left alone.
-        ``keep`` (the folder a resumed attempt takes files from) stays, with its record.
-        """
-        records = [r for r in engine.TempRecord.decode_all(job.extra.get("temp_dirs"))
-                   if keep is None or r.attempt != keep.attempt]
-        if not records:
-            return 0
-        n: int = await self.run_in_thread(engine.cleanup_temp, self.config.user_root, dest_parts, job.job_id,
-                                          records)
-        try:
-            await self.store.drop_temps(job.job_id, [r.attempt for r in records])
-        except StoreUnavailable as e:  # kept: checked again, harmlessly, by the next cleanup
-            self.log.warn("job {job_id}: could not forget its temporary folder records: {e}", job_id=job.job_id, e=e)
-        return n
-
-    async def _settle_attempt(self, job_id: str, dest_parts: list[str], attempt: str,
-                              records: list[engine.TempRecord]) -> None:
-        """After copy_tree: remove what is left of this attempt's folder (if anything), forget its record."""
-        try:
-            if records:
-                await self.run_in_thread(engine.cleanup_temp, self.config.user_root, dest_parts, job_id, records)
-            await self.store.drop_temps(job_id, [attempt])
-        except (errors.TransferError, StoreUnavailable) as e:  # the record stays for a later cleanup
-            self.log.warn("job {job_id}: attempt {attempt} not settled: {e}", job_id=job_id, attempt=attempt, e=e)
-
-    async def _cleanup_ended(self, job_id: str) -> None:
-        job = await self.store.get_job(job_id)
-        if job is None or not job.dest_parts:
-            return
-        parts = [p for p in job.dest_parts.split("/") if p]
-        n = await self._cleanup_temps(job, parts)
-        if n:
-            self.log.info("job {job_id}: removed {n} temporary folders of a dead attempt", job_id=job_id, n=n)
+    # -- recovery ---------------------------------------------------------------
 
     async def recover_dead_local(self) -> None:
         """At start: jobs held by a dead process on this host go back to the queue at once."""
@@ -654,77 +481,10 @@ class Worker(MultiService):
                 continue
             requeued, ended = await self.store.recover("resumed after its process died", job_id, claim)
             for j in ended:
-                await self._cleanup_ended(j)
+                await self.temps.cleanup_ended(j)
             if requeued:
                 self.log.info("job {job_id}: its process {pid} died; back in the queue", job_id=job_id, pid=pid)
         self.claim_soon()
-
-
-class _Copy:
-    """The engine's callbacks for one copy (they run in its threads): progress, phases, temps, the fence."""
-
-    def __init__(self, worker: Worker, run: Running, metrics: Metrics) -> None:
-        self.worker = worker
-        self.run = run
-        self.metrics = metrics
-        self.phase_started = time.monotonic()
-        self.scanned: list[engine.Plan] = []  # what was copied: all that delete_source may remove
-        self.made: list[engine.TempRecord] = []
-
-    def phase_done(self, phase: str) -> None:
-        now = time.monotonic()
-        self.metrics.phase_seconds.labels(phase).observe(now - self.phase_started)
-        self.phase_started = now
-
-    def on_plan(self, plan: engine.Plan) -> None:
-        self.scanned.append(plan)
-        self.run.files_total, self.run.bytes_total = plan.files, plan.bytes
-        self.run.phase = "copying and verifying"
-        self.phase_done("scan")
-
-    def on_progress(self, files_done: int, bytes_done: int) -> None:
-        self.run.files_done, self.run.bytes_done = files_done, bytes_done
-        self.run.moved = time.monotonic()
-
-    def _on_reactor(self, what: str, call: Callable[[], Awaitable[bool]]) -> bool:
-        """``call`` (a Redis call, retried through an outage) on the reactor; this thread waits for it."""
-        worker = self.worker
-        result: bool = blockingCallFromThread(
-            worker.reactor, lambda: ensureDeferred(worker._retrying(what, self.run.job_id, call)))
-        return result
-
-    def before_publish(self, tmpname: str, dev: int, ino: int) -> bool:
-        run = self.run
-        run.phase = "publishing"
-        self.phase_done("copy")
-        if run.stop.is_set():
-            return False
-        try:
-            return self._on_reactor("fencing the publish", lambda: self.worker.store.fence(run.job_id, run.token, {
-                "publish_tmp": tmpname, "publish_dev": dev, "publish_ino": ino,
-                "publish_files": run.files_total, "publish_bytes": run.bytes_total}))
-        except StoreUnavailable:  # stopping with Redis away: do not publish; the job is taken up again
-            run.lost = True
-            return False
-
-    def on_temp(self, record: engine.TempRecord) -> None:
-        self.made.append(record)
-        word = record.encode()
-        if not self._on_reactor("recording the temporary folder",
-                                lambda: self.worker.store.add_temp(self.run.job_id, self.run.token, word)):
-            raise errors.TransferError(errors.CANCELLED, "lost claim")
-
-
-def _manifest_detail(result: engine.Result) -> str:
-    """What the manifest check found, for ``detailed_status``; names the unverified files."""
-    detail = (f"; manifest: {result.manifest_resources} resources, {result.hashed} files checked by hash, "
-              f"{result.size_only} by size only (no hash given)")
-    if result.unverified:
-        names = ", ".join(result.unverified_names)
-        more = result.unverified - len(result.unverified_names)
-        detail += (f", {result.unverified} unverified (an S3 multipart ETag that no likely part size "
-                   f"matches; checked by size): {names}" + (f" and {more} more" if more > 0 else ""))
-    return detail
 
 
 def _pid_alive(pid: int) -> bool:
