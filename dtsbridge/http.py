@@ -13,12 +13,16 @@ from __future__ import annotations
 import http
 import io
 import json
-from typing import Any
+from typing import Any, Callable, cast
 
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.interfaces import IDelayedCall, ITCPTransport
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.web import http as twhttp
 from twisted.web import server
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
 from twisted.web.server import Site
 
 MAX_BODY = 64 * 1024
@@ -51,9 +55,10 @@ class BoundedRequest(server.Request):
     in the handler, after the size check (``parsePOSTFormSubmission=False``).
     """
 
-    def __init__(self, channel, *args: Any, **kwargs: Any) -> None:
+    def __init__(self, channel: BoundedChannel, *args: Any, **kwargs: Any) -> None:
         kwargs["parsePOSTFormSubmission"] = False
-        super().__init__(channel, *args, **kwargs)
+        server.Request.__init__(self, channel, *args, **kwargs)
+        self.bounded = channel
         self._body_bytes = 0
 
     def gotLength(self, length: int | None) -> None:
@@ -61,13 +66,14 @@ class BoundedRequest(server.Request):
         self.content = io.BytesIO()
 
     def handleContentChunk(self, data: bytes) -> None:
-        if getattr(self.channel, "refused", False):
+        if self.bounded.refused:
             return
         self._body_bytes += len(data)
         if self._body_bytes > MAX_BODY:
             self.content = io.BytesIO()
-            self.channel.refuse(413, f"the body is larger than {MAX_BODY} bytes")
+            self.bounded.refuse(413, f"the body is larger than {MAX_BODY} bytes")
             return
+        assert self.content is not None
         self.content.write(data)
 
 
@@ -85,17 +91,17 @@ class BoundedChannel(twhttp.HTTPChannel):
 
     read_timeout: float = READ_TIMEOUT
     #: called with (route, code) for each refusal (the request counter of /metrics)
-    on_refuse = None
+    on_refuse: Callable[[str, int], None] | None = None
     log = Logger()
 
     refused = False
-    _deadline = None
-    _linger = None
+    _deadline: IDelayedCall | None = None
+    _linger: IDelayedCall | None = None
 
     # -- the read deadline
 
     def connectionMade(self) -> None:
-        super().connectionMade()
+        twhttp.HTTPChannel.connectionMade(self)
         self._start_deadline()
 
     def _start_deadline(self) -> None:
@@ -123,14 +129,14 @@ class BoundedChannel(twhttp.HTTPChannel):
         if self.refused:
             return
         self._stop_deadline()
-        super().allContentReceived()
+        twhttp.HTTPChannel.allContentReceived(self)
 
-    def requestDone(self, request) -> None:
+    def requestDone(self, request: twhttp.Request) -> None:
         if self.persistent and not self.refused:
             # The next request's deadline starts now (a pipelined one may be read at once,
             # inside super().requestDone, and stop it again).
             self._start_deadline()
-        super().requestDone(request)
+        twhttp.HTTPChannel.requestDone(self, request)
 
     # -- the body size
 
@@ -138,7 +144,7 @@ class BoundedChannel(twhttp.HTTPChannel):
         if self.length is not None and self.length > MAX_BODY:
             self.refuse(413, f"the body is larger than {MAX_BODY} bytes")
             return
-        super().allHeadersReceived()
+        twhttp.HTTPChannel.allHeadersReceived(self)
 
     # -- refusing
 
@@ -183,29 +189,29 @@ class BoundedChannel(twhttp.HTTPChannel):
     def _abort(self) -> None:
         self._linger = None
         if self.transport is not None:
-            self.transport.abortConnection()
+            cast(ITCPTransport, self.transport).abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
         if self.refused:
             return
-        super().dataReceived(data)
+        twhttp.HTTPChannel.dataReceived(self, data)
 
     def lineReceived(self, line: bytes) -> None:
         if self.refused:
             return
-        super().lineReceived(line)
+        twhttp.HTTPChannel.lineReceived(self, line)
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.refused:
             return
-        super().rawDataReceived(data)
+        twhttp.HTTPChannel.rawDataReceived(self, data)
 
-    def connectionLost(self, reason) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_deadline()
         if self._linger is not None and self._linger.active():
             self._linger.cancel()
         self._linger = None
-        super().connectionLost(reason)
+        twhttp.HTTPChannel.connectionLost(self, reason)
 
 
 class QuietSite(Site):
@@ -219,13 +225,14 @@ class QuietSite(Site):
 
     QUIET_PATHS = frozenset({b"/transferStatus", b"/healthz", b"/metrics"})
 
-    def __init__(self, resource, read_timeout: float | None = None, **kwargs: Any) -> None:
+    def __init__(self, resource: IResource, read_timeout: float | None = None, **kwargs: Any) -> None:
         kwargs.setdefault("requestFactory", BoundedRequest)
-        super().__init__(resource, parsePOSTFormSubmission=False, **kwargs)
+        Site.__init__(self, resource, parsePOSTFormSubmission=False, **kwargs)
         self.read_timeout = READ_TIMEOUT if read_timeout is None else read_timeout
-        self.on_refuse = None  # (route, code) -> None, for each request refused before any route ran
+        #: called with (route, code) for each request refused before any route ran
+        self.on_refuse: Callable[[str, int], None] | None = None
 
-    def protocol(self):
+    def protocol(self) -> BoundedChannel:  # type: ignore[override]
         # A plain HTTP/1.1 channel that refuses big bodies at once and bounds slow clients
         # (BoundedChannel), instead of Twisted's generic HTTP/1.1-or-2 wrapper.
         channel = BoundedChannel()
@@ -233,7 +240,7 @@ class QuietSite(Site):
         channel.on_refuse = self.on_refuse
         return channel
 
-    def log(self, request) -> None:
+    def log(self, request: twhttp.Request) -> None:
         if request.method == b"GET" and request.code < 400 and request.path in self.QUIET_PATHS:
             return
-        super().log(request)
+        Site.log(self, request)

@@ -19,13 +19,14 @@ import json
 import struct
 import termios
 import urllib.parse
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any, Awaitable, Callable, Mapping, cast
 
 from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import server
 from twisted.web.iweb import IRequest
 from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
@@ -70,12 +71,12 @@ class StreamPacer:
     log = Logger()
     max_behind = 512 * 1024
 
-    def __init__(self, request: IRequest) -> None:
+    def __init__(self, request: server.Request) -> None:
         self.request = request
         self.paused = False
         self.behind = 0
         self.dropped = False
-        self._waiting: list[Deferred] = []
+        self._waiting: list[Deferred[None]] = []
 
     def pauseProducing(self) -> None:
         self.paused = True
@@ -94,15 +95,15 @@ class StreamPacer:
     async def drained(self) -> None:
         """Return once the client has taken what was written (a replay writes page by page)."""
         if self.paused and not self.dropped:
-            d = Deferred()
+            d: Deferred[None] = Deferred()
             self._waiting.append(d)
             await d
 
-    def _in_kernel(self, transport) -> int:
+    def _in_kernel(self, transport: Any) -> int:
         """Bytes the kernel holds for the client, not yet acknowledged (Linux ``SIOCOUTQ``)."""
         try:
             out = fcntl.ioctl(transport.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
-            return struct.unpack("i", out)[0]
+            return int(struct.unpack("i", out)[0])
         except (AttributeError, OSError, ValueError):
             return 0
 
@@ -375,8 +376,9 @@ class Api:
         elif isinstance(e, HTTPException):
             code = e.code or 500
             message = e.description or e.name
-            if code == 405 and getattr(e, "valid_methods", None):
-                headers = {"Allow": ", ".join(e.valid_methods)}
+            allowed: list[str] | None = getattr(e, "valid_methods", None)
+            if code == 405 and allowed:
+                headers = {"Allow": ", ".join(allowed)}
         else:
             self.log.failure("unexpected error answering {uri}", failure, uri=request.uri)
             code, message = 500, "internal error"
@@ -489,12 +491,13 @@ class Api:
         if after is None:
             after = await self.jobs.store.last_event_id()
         self.metrics.requests.labels("/events", "200").inc()
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
-        request.setHeader(b"Cache-Control", b"no-store")
-        request.setHeader(b"X-Accel-Buffering", b"no")  # nginx: pass each event at once
-        pacer = StreamPacer(request)
-        request.registerProducer(pacer, True)
+        stream = cast(server.Request, request)
+        stream.setResponseCode(200)
+        stream.setHeader(b"Content-Type", b"text/event-stream; charset=utf-8")
+        stream.setHeader(b"Cache-Control", b"no-store")
+        stream.setHeader(b"X-Accel-Buffering", b"no")  # nginx: pass each event at once
+        pacer = StreamPacer(stream)
+        stream.registerProducer(pacer, True)
         pacer.write(b": dtsbridge job events\nretry: 2000\n\n")
         sub = Subscriber(pacer.write, visible_user=visible, user=user, job_id=job_id, drained=pacer.drained)
         try:
@@ -503,8 +506,8 @@ class Api:
             pass  # dropped: its connection is aborted
         finally:
             # also when the client was dropped (SlowClient): Twisted logs a producer left registered
-            if request.producer is not None and request.channel is not None:
-                request.unregisterProducer()
+            if stream.producer is not None and stream.channel is not None:
+                stream.unregisterProducer()
         return b""
 
     def ui_file(self, request: IRequest, name: str) -> bytes:
@@ -541,7 +544,7 @@ class Api:
         return self.ok(request, 200, {"status": "ok"})
 
     @app.route("/metrics", methods=["GET"])
-    def metrics(self, request: IRequest) -> bytes:
+    def metrics_page(self, request: IRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4; charset=utf-8")
         return self.metrics.render()
 
