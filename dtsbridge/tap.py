@@ -27,22 +27,33 @@ import os
 import signal
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, ParamSpec, TextIO, TypeVar, cast
 
 from twisted.application import service, strports
 from twisted.internet import defer
 from twisted.internet.defer import ensureDeferred
+from twisted.internet.interfaces import IReactorFromThreads, IReactorThreads, IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import ILogObserver, Logger, LogLevel, formatEvent
 from twisted.python import threadpool, usage
+from twisted.python.failure import Failure
 
 from dtsbridge import __version__, auth, config as configmod, engine
+from dtsbridge.events import EventHub
 from dtsbridge.http import QuietSite
+from dtsbridge.interfaces import Authenticator, ThreadRunner
 from dtsbridge.jobs import Jobs, Waiters
 from dtsbridge.metrics import Metrics
 from dtsbridge.store import Store, StoreUnavailable, connect
 from dtsbridge.users import Users
+from dtsbridge.redis_server import EmbeddedRedis
 from dtsbridge.worker import SpareExecutor, Worker
+
+if TYPE_CHECKING:
+    from dtsbridge.interfaces import Reactor
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 log = Logger(namespace="dtsbridge")
 
@@ -80,16 +91,15 @@ class SequentialMultiService(service.MultiService):
     and Redis still records results, and the thread pool stops last.
     """
 
-    log_observer = None  # [server] log_format = json: see json_log_observer
+    log_observer: ILogObserver | None = None  # [server] log_format = json: see json_log_observer
 
-    def setServiceParent(self, parent):
-        r = super().setServiceParent(parent)
+    def setServiceParent(self, parent: service.IServiceCollection) -> None:
+        service.MultiService.setServiceParent(self, parent)
         # twistd's AppLogger logs to the application's ILogObserver component when it has one.
         if self.log_observer is not None and hasattr(parent, "setComponent"):
             parent.setComponent(ILogObserver, self.log_observer)
-        return r
 
-    def stopService(self):
+    def stopService(self) -> defer.Deferred[None]:
         service.Service.stopService(self)
         return ensureDeferred(self._stop_in_order())
 
@@ -104,11 +114,11 @@ class SequentialMultiService(service.MultiService):
 _JSON_SCALARS = (str, int, float, bool, type(None))
 
 
-def json_log_observer(out=None):
+def json_log_observer(out: TextIO | None = None) -> ILogObserver:
     """An observer writing each event as one JSON line: time, level, namespace, text and its simple fields."""
-    out = out if out is not None else sys.stdout  # captured now: twistd redirects sys.stdout into the log later
+    stream = out if out is not None else sys.stdout  # captured now: twistd redirects sys.stdout into the log later
 
-    def observe(event: dict) -> None:
+    def observe(event: dict[str, Any]) -> None:
         record: dict[str, Any] = {
             "time": datetime.datetime.fromtimestamp(event.get("log_time") or 0, datetime.timezone.utc)
                     .isoformat(timespec="milliseconds").replace("+00:00", "Z"),
@@ -128,14 +138,14 @@ def json_log_observer(out=None):
             except Exception:  # noqa: BLE001
                 record["failure"] = repr(failure)
         try:
-            out.write(json.dumps(record, default=str) + "\n")
-            out.flush()
+            stream.write(json.dumps(record, default=str) + "\n")
+            stream.flush()
         except Exception:  # noqa: BLE001 - a log line must never break the service
             pass
 
     import zope.interface
     zope.interface.directlyProvides(observe, ILogObserver)
-    return observe
+    return cast(ILogObserver, observe)
 
 
 class ServiceExecutor(SpareExecutor, engine.CopyExecutor):
@@ -146,16 +156,17 @@ class ServiceExecutor(SpareExecutor, engine.CopyExecutor):
 class ThreadPoolService(service.Service):
     """Starts and stops the thread pool that runs all blocking work."""
 
-    def __init__(self, pool: threadpool.ThreadPool, executor: engine.CopyExecutor) -> None:
+    def __init__(self, pool: threadpool.ThreadPool, executor: engine.CopyExecutor, reactor: IReactorThreads) -> None:
         self.pool = pool
         self.executor = executor
+        self.reactor = reactor
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self.pool.start()
 
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None] | None:
+        service.Service.stopService(self)
         # Queued file batches dropped; file threads never joined (one may be stuck in a hung read).
         self.executor.shutdown(wait=False, cancel_futures=True)
 
@@ -165,36 +176,37 @@ class ThreadPoolService(service.Service):
             self.executor.processes.shutdown(wait=True)
             self.pool.stop()
 
-        # ThreadPool.stop() joins its threads: do it off the reactor thread.
-        from twisted.internet import reactor
-        from twisted.internet.threads import deferToThread
-        return deferToThread(stop) if reactor.running else stop()
+        # ThreadPool.stop() joins its threads: do it off the reactor thread (a thread of its own).
+        if not getattr(self.reactor, "running", False):
+            stop()
+            return None
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), stop)
 
 
 class EngineLogService(service.Service):
     """The copy engine's log records (Python ``logging``, from its threads) into the Twisted log,
     each with the ``job_id`` of the job whose work logged it."""
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: IReactorFromThreads) -> None:
         self.handler = _EngineLogHandler(reactor)
         self.logger = logging.getLogger("dtsbridge.engine")
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self.logger.addHandler(self.handler)
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
 
-    def stopService(self):
+    def stopService(self) -> None:
         self.logger.removeHandler(self.handler)
         self.logger.propagate = True
-        return super().stopService()
+        service.Service.stopService(self)
 
 
 class _EngineLogHandler(logging.Handler):
     _LEVELS = ((logging.ERROR, LogLevel.error), (logging.WARNING, LogLevel.warn), (logging.INFO, LogLevel.info))
 
-    def __init__(self, reactor) -> None:
+    def __init__(self, reactor: IReactorFromThreads) -> None:
         super().__init__(logging.INFO)
         self.reactor = reactor
 
@@ -215,20 +227,21 @@ class _EngineLogHandler(logging.Handler):
 class AttachWhenReady(service.Service):
     """Connects the store to the embedded Redis once it answers; stops dtsbridge if it never does."""
 
-    def __init__(self, embedded, store: Store, make_pool, reactor) -> None:
+    def __init__(self, embedded: EmbeddedRedis, store: Store, make_pool: Callable[[], Any], reactor: Reactor) -> None:
         self.embedded = embedded
         self.store = store
         self.make_pool = make_pool
         self.reactor = reactor
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
+        assert self.embedded.ready is not None  # started before this service
         self.embedded.ready.addCallbacks(self._ready, self._failed)
 
-    def _ready(self, _) -> None:
+    def _ready(self, _: object) -> None:
         self.store.attach(self.make_pool())
 
-    def _failed(self, failure) -> None:
+    def _failed(self, failure: Failure) -> None:
         if failure.check(defer.CancelledError):
             return  # stopped before it was ready
         log.critical("dtsbridge: the embedded Redis did not start: {error}; stopping", error=failure.value)
@@ -246,22 +259,22 @@ class StoreService(service.Service):
         self.store = store
 
     def stopService(self) -> defer.Deferred[None]:
-        super().stopService()
+        service.Service.stopService(self)
         return ensureDeferred(self.store.close())
 
 
 class HaltWhenIdle(service.Service):
     """SIGUSR2 toggles "halt when idle": the worker takes no more jobs and the process stops once it runs none."""
 
-    def __init__(self, worker: Worker, reactor: Any) -> None:
+    def __init__(self, worker: Worker, reactor: Reactor) -> None:
         self.worker = worker
         self.reactor = reactor
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
 
         def toggle(signum: int, frame: object) -> None:
-            self.reactor.callFromThread(self.flip)
+            IReactorFromThreads(self.reactor).callFromThread(self.flip)
 
         try:
             signal.signal(signal.SIGUSR2, toggle)
@@ -290,19 +303,20 @@ class HaltWhenIdle(service.Service):
 class EventHubService(service.Service):
     """Runs the process's one event reader; on stop, ends every open event stream."""
 
-    def __init__(self, hub) -> None:
+    def __init__(self, hub: EventHub) -> None:
         self.hub = hub
 
     def startService(self) -> None:
-        super().startService()
+        service.Service.startService(self)
         self.hub.start()
 
-    def stopService(self):
-        super().stopService()
+    def stopService(self) -> defer.Deferred[None]:
+        service.Service.stopService(self)
         return ensureDeferred(self.hub.stop())
 
 
-def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thread, reactor):
+def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thread: ThreadRunner,
+                reactor: IReactorTime) -> Callable[[], Awaitable[list[str]]]:
     async def health() -> list[str]:
         problems: list[str] = []
         if worker.draining:
@@ -315,15 +329,14 @@ def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thre
             if len(worker.active) >= worker.max_threads():
                 problems.append("no copy can start: the copy threads are all taken by stuck ones")
         try:
-            d = defer.ensureDeferred(store.ping())
-            await d
+            await store.ping()
         except StoreUnavailable as e:
             problems.append(f"redis: {e}")
         except Exception as e:  # noqa: BLE001
             problems.append(f"redis: {e}")
 
         def roots() -> list[str]:
-            out = []
+            out: list[str] = []
             for name, path in (("dts_root", cfg.dts_root), ("user_root", cfg.user_root)):
                 if not os.path.isdir(path):
                     out.append(f"{name} {path} is not a reachable folder")
@@ -331,16 +344,15 @@ def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thre
                     out.append(f"{name} {path} is not readable")
             return out
 
-        d = run_in_thread(roots)
-        d.addTimeout(2, reactor)
+        found = run_in_thread(roots)
+        found.addTimeout(2, reactor)
         try:
-            problems += await d
+            problems += await found
         except defer.TimeoutError:
             problems.append("the roots did not answer within 2 s")
         return problems
 
     return health
-
 
 
 def makeService(options: Options) -> service.IService:
@@ -356,16 +368,16 @@ def makeService(options: Options) -> service.IService:
     pool = threadpool.ThreadPool(minthreads=2, maxthreads=2 * cfg.max_jobs + 4, name="dtsbridge-copy")
     # Threads for files (widened for stuck copies), and the copy worker processes (started on first use).
     executor = ServiceExecutor(max_workers=cfg.threads, thread_name_prefix="dtsbridge-file")
-    EngineLogService(reactor).setServiceParent(top)  # before the threads: stops after them
-    ThreadPoolService(pool, executor).setServiceParent(top)
+    threaded = IReactorThreads(reactor)
+    EngineLogService(threaded).setServiceParent(top)  # before the threads: stops after them
+    ThreadPoolService(pool, executor, threaded).setServiceParent(top)
 
-    def run_in_thread(f, *args: Any, **kwargs: Any):
-        return deferToThreadPool(reactor, pool, f, *args, **kwargs)
+    def run_in_thread(f: Callable[_P, _T], /, *args: _P.args, **kwargs: _P.kwargs) -> defer.Deferred[_T]:
+        return deferToThreadPool(threaded, pool, f, *args, **kwargs)
 
     redis_url = cfg.redis_url
-    embedded = None
+    embedded: EmbeddedRedis | None = None
     if redis_url == "embedded":
-        from dtsbridge.redis_server import EmbeddedRedis
         try:
             os.makedirs(cfg.state_dir, mode=0o700, exist_ok=True)
             if not os.access(cfg.state_dir, os.W_OK | os.X_OK):
@@ -409,7 +421,6 @@ def makeService(options: Options) -> service.IService:
         metrics.add_counter("dtsbridge_auth_cache_misses", "Token checks that asked KBase auth2",
                             lambda: authenticator.cache_misses)
 
-    from dtsbridge.events import EventHub
     from dtsbridge.openapi import spec
     from dtsbridge.web import Api
     # The event reader's own connection: its blocking XREAD must not hold one of the pool's.
@@ -446,7 +457,8 @@ def makeService(options: Options) -> service.IService:
     return top
 
 
-def _make_auth(cfg: configmod.Config, reactor, run_in_thread, auth2):
+def _make_auth(cfg: configmod.Config, reactor: Reactor, run_in_thread: ThreadRunner,
+               auth2: auth.Auth2 | None) -> Authenticator:
     if cfg.auth_backend == "tokens":
         if not os.path.isfile(cfg.tokens_file):
             raise ValueError(f"[auth] tokens_file: {cfg.tokens_file} does not exist "
