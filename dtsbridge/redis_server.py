@@ -48,6 +48,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from dtsbridge.procs import pid_alive
+
 if TYPE_CHECKING:
     from dtsbridge.interfaces import Reactor
 
@@ -465,19 +467,6 @@ class EmbeddedRedis(Service):
             return pid
         return None
 
-    def _alive(self, pid: int) -> bool:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        try:
-            state = Path("/proc", str(pid), "stat").read_text().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            return True
-        return state not in ("Z", "X")
-
     async def _kill_stale(self) -> None:
         pid = self._stale_pid()
         if pid is None:
@@ -490,7 +479,7 @@ class EmbeddedRedis(Service):
                 return
             deadline = self._reactor.seconds() + wait
             while self._reactor.seconds() < deadline:
-                if not self._alive(pid):
+                if not pid_alive(pid):
                     return
                 await deferLater(self._reactor, 0.05, lambda: None)
         raise RuntimeError(f"stale redis-server pid {pid} in {self.state_dir} would not exit")

@@ -37,6 +37,7 @@ from dtsbridge import engine, errors
 from dtsbridge.config import Config
 from dtsbridge.metrics import Metrics
 from dtsbridge.model import Status, now_iso
+from dtsbridge.procs import pid_alive
 from dtsbridge.store import Store, StoreUnavailable
 from dtsbridge.attempt import Attempt, Fields, Running, Temps
 from dtsbridge.interfaces import ThreadRunner
@@ -477,7 +478,7 @@ class Worker(MultiService):
         holders = await self.store.active_holders()
         for job_id, claim, holder in holders:
             h, _, pid = holder.rpartition(":")
-            if h != host or not pid.isdigit() or int(pid) == os.getpid() or _pid_alive(int(pid)):
+            if h != host or not pid.isdigit() or int(pid) == os.getpid() or pid_alive(int(pid)):
                 continue
             requeued, ended = await self.store.recover("resumed after its process died", job_id, claim)
             for j in ended:
@@ -485,13 +486,3 @@ class Worker(MultiService):
             if requeued:
                 self.log.info("job {job_id}: its process {pid} died; back in the queue", job_id=job_id, pid=pid)
         self.claim_soon()
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
