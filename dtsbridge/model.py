@@ -15,7 +15,9 @@ from typing import Any, Mapping
 import attrs
 
 
-class Status(str, enum.Enum):
+class Status(enum.StrEnum):
+    """A job's status; ``str(status)`` is its name as stored and shown."""
+
     SUBMITTED = "SUBMITTED"  # queued, waiting for a worker
     STAGING = "STAGING"  # waiting for a stager's /doneStaging
     TRANSFERRING = "TRANSFERRING"  # copying, verifying, publishing
@@ -29,6 +31,11 @@ class Status(str, enum.Enum):
 
 
 FINAL = frozenset({Status.SUCCESS, Status.ERROR, Status.CANCELLED})
+#: A job in one of these no longer owns its folder: a new request for the folder makes a new
+#: job (a successful one keeps it: a repeat of its request answers with it).
+FOLDER_FREED = frozenset({Status.ERROR, Status.CANCELLED})
+#: A job in one of these is (back) in the queue or held by a worker: a worker may take it.
+CLAIMABLE = frozenset({Status.SUBMITTED, Status.TRANSFERRING})
 
 # The moves the state machine allows. The Redis scripts enforce the same
 # rules atomically; this table documents them and guards the Python side.
@@ -52,19 +59,58 @@ def now_iso() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
+class FieldType(enum.Enum):
+    """How a public field is stored (a string in the hash) and shown (JSON)."""
+
+    STR = "string"
+    INT = "integer"
+    FLOAT = "number"
+    BOOL = "boolean"
+    TIME = "date-time"  # ISO 8601 UTC, a string
 
 
-# Fields never shown by /transferStatus.
-SECRET_FIELDS = frozenset({"authcode_hash", "claim", "attempt", "publish_tmp", "publish_dev", "publish_ino",
-                           "folder_key", "dest_parts", "source_rel", "lease_host",
-                           "publish_files", "publish_bytes", "publishing", "active_user",
-                           "retain_ms", "watched_key", "temp_dirs", "event_ms"})
-INT_FIELDS = frozenset({"files_total", "files_done", "bytes_total", "bytes_done", "staging_timeout",
-                        "manifest_resources", "manifest_size_only", "manifest_hashed", "manifest_unverified",
-                        "attempts", "files_cloned", "bytes_cloned",
-                        "files_resumed", "bytes_resumed"})
-BOOL_FIELDS = frozenset({"stager_success", "async", "source_deleted"})
-FLOAT_FIELDS = frozenset({"timeout_seconds"})
+#: The fields /transferStatus (and every event and webhook) shows, by an explicit allow-list:
+#: a field the store keeps for itself (the claim, publish record, folder key, temporary
+#: folders, …) is never shown unless added here. Documented by the API's Job schema
+#: (:mod:`dtsbridge.openapi` derives it from this table).
+PUBLIC_FIELDS: dict[str, FieldType] = {
+    "job_id": FieldType.STR,
+    "status": FieldType.STR,
+    "detailed_status": FieldType.STR,
+    "reason": FieldType.STR,
+    "target_user": FieldType.STR,
+    "subdirectory": FieldType.STR,
+    "path": FieldType.STR,
+    "submitter": FieldType.STR,
+    "kind": FieldType.STR,
+    "files_total": FieldType.INT,
+    "files_done": FieldType.INT,
+    "bytes_total": FieldType.INT,
+    "bytes_done": FieldType.INT,
+    "staged_to": FieldType.STR,
+    "stager_msg": FieldType.STR,
+    "stager_path": FieldType.STR,
+    "stager_success": FieldType.BOOL,
+    "staging_timeout": FieldType.INT,
+    "timeout_seconds": FieldType.FLOAT,
+    "manifest_resources": FieldType.INT,
+    "manifest_size_only": FieldType.INT,
+    "manifest_hashed": FieldType.INT,
+    "manifest_unverified": FieldType.INT,
+    "attempts": FieldType.INT,
+    "files_cloned": FieldType.INT,
+    "bytes_cloned": FieldType.INT,
+    "files_resumed": FieldType.INT,
+    "bytes_resumed": FieldType.INT,
+    "source_deleted": FieldType.BOOL,
+    # a time_<status> for each status the job entered, and when its stager reported
+    **{f"time_{s.value.lower()}": FieldType.TIME for s in Status},
+    "time_staged": FieldType.TIME,
+}
+
+INT_FIELDS = frozenset(k for k, t in PUBLIC_FIELDS.items() if t is FieldType.INT)
+BOOL_FIELDS = frozenset(k for k, t in PUBLIC_FIELDS.items() if t is FieldType.BOOL)
+FLOAT_FIELDS = frozenset(k for k, t in PUBLIC_FIELDS.items() if t is FieldType.FLOAT)
 
 
 @attrs.define
@@ -117,18 +163,17 @@ class Job:
         return cls(job_id=job_id, status=Status(h["status"]), extra=extra, **kwargs)
 
     def public(self) -> dict[str, Any]:
-        """The /transferStatus body: every non-null field except secrets."""
+        """The /transferStatus body: every non-null field of :data:`PUBLIC_FIELDS`."""
         out: dict[str, Any] = {}
         for a in attrs.fields(type(self)):
-            if a.name in ("extra",) or a.name in SECRET_FIELDS:
-                continue
-            value = getattr(self, a.name)
-            if isinstance(value, Status):
-                value = value.value
-            if value is not None and value != "":
-                out[a.name] = value
+            if a.name in PUBLIC_FIELDS:
+                value = getattr(self, a.name)
+                if isinstance(value, Status):
+                    value = value.value
+                if value is not None and value != "":
+                    out[a.name] = value
         for k, v in self.extra.items():
-            if k not in SECRET_FIELDS and v is not None and v != "":
+            if k in PUBLIC_FIELDS and v is not None and v != "":
                 out[k] = v
         return out
 

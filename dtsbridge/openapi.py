@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from dtsbridge.model import PUBLIC_FIELDS, FieldType, Status
+
 _STR = {"type": "string"}
 _INT = {"type": "integer", "minimum": 0}
 
-STATUSES = ["SUBMITTED", "STAGING", "TRANSFERRING", "SUCCESS", "ERROR", "CANCELLED"]
+STATUSES = [s.value for s in Status]
+
+#: the JSON schema of each type of public job field (the Job schema is :data:`model.PUBLIC_FIELDS`)
+_FIELD_SCHEMA: dict[FieldType, dict[str, Any]] = {
+    FieldType.STR: _STR,
+    FieldType.INT: _INT,
+    FieldType.FLOAT: {"type": "number"},
+    FieldType.BOOL: {"type": "boolean"},
+    FieldType.TIME: {"type": "string", "format": "date-time"},
+}
 
 
 def _error(description: str) -> dict[str, Any]:
@@ -42,40 +53,8 @@ _TIMEOUT = {"type": "number", "exclusiveMinimum": True, "minimum": 0,
 
 
 def spec(version: str, staging_max_timeout: float = 604800) -> dict[str, Any]:
-    timestamps = {f"time_{s.lower()}": {"type": "string", "format": "date-time"} for s in STATUSES}
-    timestamps["time_staged"] = {"type": "string", "format": "date-time"}
-    job_props = {
-        "job_id": _STR,
-        "status": {"type": "string", "enum": STATUSES},
-        "detailed_status": _STR,
-        "reason": _STR,
-        "target_user": _STR,
-        "subdirectory": _STR,
-        "path": _STR,
-        "submitter": _STR,
-        "kind": _STR,
-        "files_total": _INT,
-        "files_done": _INT,
-        "bytes_total": _INT,
-        "bytes_done": _INT,
-        "staged_to": _STR,
-        "stager_msg": _STR,
-        "stager_path": _STR,
-        "stager_success": {"type": "boolean"},
-        "staging_timeout": _INT,
-        "timeout_seconds": {"type": "number"},
-        "manifest_resources": _INT,
-        "manifest_size_only": _INT,
-        "manifest_hashed": _INT,
-        "manifest_unverified": _INT,
-        "attempts": _INT,
-        "files_cloned": _INT,
-        "bytes_cloned": _INT,
-        "files_resumed": _INT,
-        "bytes_resumed": _INT,
-        "source_deleted": {"type": "boolean"},
-        **timestamps,
-    }
+    job_props = {name: _FIELD_SCHEMA[t] for name, t in PUBLIC_FIELDS.items()}
+    job_props["status"] = {"type": "string", "enum": STATUSES}
     return {
         "openapi": "3.0.3",
         "info": {
