@@ -8,7 +8,7 @@ shared by every process on the same Redis):
    is taken over by another after a minute (``XAUTOCLAIM``).
 2. For an event that matches ``[notify] events`` (``end``: the job ended;
    ``all``: every change), one delivery per URL is queued and the event is
-   acknowledged in one Lua script (:meth:`Store.hooks_add`).
+   acknowledged in one Lua script (:meth:`HookQueue.add <dtsbridge.hooks.HookQueue.add>`).
 3. Due deliveries are leased to one process at a time (``P:hooks`` scores are
    the next attempt; taking one moves its score past the lease) and POSTed
    with treq: JSON ``{"event_id", "job"}`` and ``X-Dtsbridge-Signature:
@@ -169,11 +169,11 @@ class Notifier(service.Service):
 
     async def tick(self) -> None:
         if not self._group_ready:
-            await self.store.hooks_group(GROUP, self.start_id)
+            await self.store.hooks.group(GROUP, self.start_id)
             self._group_ready = True
         await self.intake()
         await self.send_due()
-        self.pending = await self.store.hooks_pending()
+        self.pending = await self.store.hooks.pending()
 
     async def intake(self) -> None:
         now = time.monotonic()
@@ -189,11 +189,11 @@ class Notifier(service.Service):
                 if job is not None and self.wanted(job):
                     urls = list(self.config.webhook_urls)
                     body = json.dumps({"event_id": event_id, "job": job.public()}, separators=(",", ":"))
-                await self.store.hooks_add(GROUP, event_id, body, urls)
+                await self.store.hooks.add(GROUP, event_id, body, urls)
 
     async def _read(self, stale_ms: int | None = None) -> list[tuple[str, Job | None]]:
         try:
-            return await self.store.hooks_read(GROUP, self.holder, count=200, stale_ms=stale_ms)
+            return await self.store.hooks.read(GROUP, self.holder, count=200, stale_ms=stale_ms)
         except txredisapi.ResponseError as e:
             if "NOGROUP" in str(e):  # the stream was removed: make the group again
                 self._group_ready = False
@@ -204,7 +204,7 @@ class Notifier(service.Service):
         room = IN_FLIGHT - len(self.in_flight)
         if room <= 0:
             return
-        for member, url, body, attempts, first_ms in await self.store.hooks_take(self.token, LEASE_MS, room):
+        for member, url, body, attempts, first_ms in await self.store.hooks.take(self.token, LEASE_MS, room):
             if member in self.in_flight:
                 continue
             d = ensureDeferred(self._deliver(member, url, body.encode(), attempts, first_ms))
@@ -230,7 +230,7 @@ class Notifier(service.Service):
                                           unbuffered=True)
             await self._discard_body(resp)
             if 200 <= resp.code < 300:
-                await self.store.hooks_done(member, self.token)
+                await self.store.hooks.done(member, self.token)
                 self.delivered += 1
                 self.log.info("webhook: event {event_id} delivered to {url}", event_id=event_id, url=url)
                 return
@@ -275,7 +275,7 @@ class Notifier(service.Service):
 
     async def _retry(self, member: str, delay_ms: int, error: str) -> None:
         try:
-            await self.store.hooks_retry(member, self.token, delay_ms, error)
+            await self.store.hooks.retry(member, self.token, delay_ms, error)
         except StoreUnavailable:
             pass  # its lease lapses and it is taken again
 

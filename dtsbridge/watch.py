@@ -20,7 +20,7 @@ folder key that a later ``/complete_transfer`` for the same user and folder
 finds (so that call answers 200 with the same ``job_id``). A manifest that
 cannot be used fails its job with a reason; it never stops the watcher.
 
-The mark outlives the job (see ``store._WATCHED_DONE``): it lasts at least
+The mark outlives the job (see ``lua.WATCHED_DONE``): it lasts at least
 ``WATCH_MARK_MS`` (30 days, or the retention if longer), renewed once a day
 and at each start while the watcher sees the folder, and cut to the retention
 when the folder leaves the DTS area. So a folder is not delivered again after
@@ -39,8 +39,6 @@ import os
 import stat
 import time
 import uuid
-from typing import Any
-
 from twisted.application.service import Service
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
@@ -48,8 +46,8 @@ from twisted.logger import Logger
 from dtsbridge import engine, errors
 from dtsbridge.jobs import Jobs
 from dtsbridge.worker import Periodic
-from dtsbridge.model import Status, now_iso
-from dtsbridge.store import StoreUnavailable
+from dtsbridge.model import now_iso
+from dtsbridge.store import StoreUnavailable, WatchMark
 
 MANIFEST = "manifest.json"
 #: how often the watcher renews the mark of a done folder it still sees (seconds)
@@ -213,9 +211,9 @@ class WatchService(Service):
         """
         store = self.jobs.store
         name = mark_name(rel)
-        mark = await store.watched(name)
+        mark = await store.watch_mark(name)
         if mark is not None:
-            if mark.startswith("taking:"):
+            if mark is WatchMark.TAKING:
                 return None
             await store.keep_watched(name)  # done before (a restart, another process): still here, still done
             return False
@@ -246,8 +244,7 @@ class WatchService(Service):
             await store.watched_done(rel, job.job_id)
             self.log.info("watcher: {folder} for {user} is job {job_id}", folder=rel, user=user, job_id=job.job_id)
         except errors.Refused as e:
-            job_id = await self.record_failure(rel, user or "", e)
-            await store.watched_done(rel, job_id)
+            job_id = await self.record_failure(rel, rel, user or "", e)
             self.log.warn("watcher: {folder} cannot be completed: {msg} (job {job_id})", folder=rel,
                           msg=e.message, job_id=job_id)
         except BaseException as e:
@@ -268,8 +265,7 @@ class WatchService(Service):
         e = errors.Invalid(f"the folder's name '{shown(rel)}' is not valid UTF-8; it cannot be completed "
                            f"(rename it in the DTS area)", reason=errors.BAD_REQUEST)
         try:
-            job_id = await self.record_failure(shown(rel), user, e)
-            await self.jobs.store.watched_done(name, job_id)
+            job_id = await self.record_failure(name, shown(rel), user, e)
         except BaseException:
             try:
                 await self.jobs.store.unmark_watched(name)
@@ -280,16 +276,10 @@ class WatchService(Service):
                       msg=e.message, job_id=job_id)
         return True
 
-    async def record_failure(self, rel: str, user: str, e: errors.Refused) -> str:
-        """A job in ERROR for a folder the watcher cannot complete, so operators see why."""
+    async def record_failure(self, mark: str, rel: str, user: str, e: errors.Refused) -> str:
+        """A job in ERROR for a folder the watcher cannot complete, so operators see why; its mark names it."""
         reason = e.reason or (errors.USER_NOT_FOUND if "user" in e.message else errors.BAD_REQUEST)
         job_id = str(uuid.uuid4())
-        now = now_iso()
-        fields: dict[str, Any] = {
-            "status": Status.ERROR.value, "target_user": user, "subdirectory": rel, "source_rel": rel,
-            "submitter": "watcher", "kind": "watch", "time_submitted": now, "time_error": now,
-            "reason": reason, "detailed_status": e.message,
-        }
-        await self.jobs.store.create_job(job_id, fields, enqueue=False)
+        await self.jobs.store.record_watch_failure(job_id, mark, rel, user, reason, e.message, now_iso())
         self.jobs.metrics.jobs_finished.labels("ERROR", reason).inc()
         return job_id

@@ -15,6 +15,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import task
 
+from dtsbridge.model import Status
 from dtsbridge.store import EVENT_KEEP_MS, Store, connect
 from tests.harness import ALICE_TOKEN, BOB_TOKEN, DTS_TOKEN, NOROLE_TOKEN, REPO, make_tree, wait_until
 from tests.redis_fixture import RedisProcess
@@ -39,18 +40,19 @@ async def test_every_change_is_one_event_in_the_same_script(redis_proc: RedisPro
         assert await store.claim(token, "h:1", 10, T) == job_id
         progress = {"files_done": 1, "bytes_done": 10, "files_total": 3, "bytes_total": 30,
                     "detailed_status": "copying"}
-        assert await store.heartbeat(job_id, token, 10, progress) == "TRANSFERRING"
+        assert await store.renew(job_id, token, 10, progress) == Status.TRANSFERRING
         # at most one progress event a second: an immediate second one is recorded but not sent
-        assert await store.heartbeat(job_id, token, 10, {**progress, "bytes_done": 20}) == "TRANSFERRING"
+        assert await store.renew(job_id, token, 10, {**progress, "bytes_done": 20}) == Status.TRANSFERRING
         # nothing changed: no event, whatever the time
         await _sleep(1.05)
-        assert await store.heartbeat(job_id, token, 10, {**progress, "bytes_done": 20}) == "TRANSFERRING"
-        assert await store.heartbeat(job_id, token, 10, {**progress, "bytes_done": 25}) == "TRANSFERRING"
-        assert await store.finish(job_id, token, "SUCCESS", T, {"bytes_done": 30, "files_done": 3}) == "SUCCESS"
+        assert await store.renew(job_id, token, 10, {**progress, "bytes_done": 20}) == Status.TRANSFERRING
+        assert await store.renew(job_id, token, 10, {**progress, "bytes_done": 25}) == Status.TRANSFERRING
+        assert await store.record_result(job_id, token, Status.SUCCESS, T, {"bytes_done": 30, "files_done": 3}) \
+            == Status.SUCCESS
         # a job of another user, cancelled while queued
         other = str(uuid.uuid4())
         await store.create_job(other, {"status": "SUBMITTED", "target_user": "bob", "time_submitted": T})
-        assert await store.cancel(other, T, "cancelled on request") == "OK"
+        await store.cancel_job(other, T, "cancelled on request")
 
         events = await store.events_after("0-0")
         seen = [(j.job_id, j.status.value, j.bytes_done) for _, j in events]

@@ -30,7 +30,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from dtsbridge.store import Store, connect
+from dtsbridge.model import Status
+from dtsbridge.store import LeaseLost, Store, connect
 from tests.harness import DtsBridge, leftovers, make_tree, tree_of, wait_until
 from tests.redis_fixture import RedisProcess, start_private_redis
 
@@ -437,35 +438,41 @@ async def test_stale_worker_cannot_publish_or_overwrite(redis_proc: RedisProcess
         assert created
         old, new = "aaaa1111", "bbbb2222"
         assert await store.claim(old, "host:1", 0.3, "2026-01-01T00:00:01.000Z") == job_id
-        assert await store.heartbeat(job_id, old, 0.3, {"files_done": 1}) == "TRANSFERRING"
+        assert await store.renew(job_id, old, 0.3, {"files_done": 1}) == Status.TRANSFERRING
         await _sleep(0.8)  # the old worker stops renewing: its lease lapses
         requeued, ended = await store.recover("resumed after its worker was lost")
         assert (requeued, ended) == ([job_id], [])
         assert await store.claim(new, "host:2", 30, "2026-01-01T00:00:02.000Z") == job_id
 
+        def field(name: str) -> str:
+            return redis_proc.cli("HGET", f"fence:job:{job_id}", name)
+
         # The old worker wakes up: every write it tries is refused.
-        assert await store.heartbeat(job_id, old, 30, {"files_done": 99}) is None
+        with pytest.raises(LeaseLost):
+            await store.renew(job_id, old, 30, {"files_done": 99})
         assert await store.fence(job_id, old, {"publish_ino": 1234}) is False
-        assert await store.finish(job_id, old, "ERROR", "2026-01-01T00:00:03.000Z",
-                                  {"reason": "io_error", "detailed_status": "stale"}) is None
+        with pytest.raises(LeaseLost):
+            await store.record_result(job_id, old, Status.ERROR, "2026-01-01T00:00:03.000Z",
+                                      {"reason": "io_error", "detailed_status": "stale"})
         job = await store.get_job(job_id)
         assert job.status.value == "TRANSFERRING"
-        assert await store.get_field(job_id, "claim") == new
-        assert await store.get_field(job_id, "publish_ino") is None
-        assert await store.get_field(job_id, "files_done") == "1"
-        assert await store.get_field(job_id, "reason") is None
+        assert field("claim") == new
+        assert field("publish_ino") == ""
+        assert field("files_done") == "1"
+        assert field("reason") == ""
 
         # The new worker holds it and finishes; the stale one still cannot touch the result.
-        assert await store.heartbeat(job_id, new, 30, {"files_done": 2}) == "TRANSFERRING"
+        assert await store.renew(job_id, new, 30, {"files_done": 2}) == Status.TRANSFERRING
         assert await store.fence(job_id, new, {"publish_ino": 42}) is True
-        assert await store.finish(job_id, new, "SUCCESS", "2026-01-01T00:00:04.000Z",
-                                  {"detailed_status": "done"}) == "SUCCESS"
-        assert await store.finish(job_id, old, "ERROR", "2026-01-01T00:00:05.000Z", {"reason": "io_error"}) is None
+        assert await store.record_result(job_id, new, Status.SUCCESS, "2026-01-01T00:00:04.000Z",
+                                         {"detailed_status": "done"}) == Status.SUCCESS
+        with pytest.raises(LeaseLost):
+            await store.record_result(job_id, old, Status.ERROR, "2026-01-01T00:00:05.000Z", {"reason": "io_error"})
         assert await store.fence(job_id, new, {}) is False  # nothing publishes after the end
         job = await store.get_job(job_id)
         assert job.status.value == "SUCCESS"
-        assert await store.get_field(job_id, "detailed_status") == "done"
-        assert await store.get_field(job_id, "reason") is None
+        assert field("detailed_status") == "done"
+        assert field("reason") == ""
         assert await store.counts() == {"queued": 0, "active": 0, "staging": 0}
     finally:
         await store.close()

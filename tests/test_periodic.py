@@ -102,8 +102,8 @@ async def test_housekeeping_survives_any_redis_error(redis_proc: RedisProcess, t
         assert await store.claim("tok", worker.holder, 30, "2026-01-01T00:00:00.000Z") == running
         worker.active[running] = Running(job_id=running, token="tok", started=0)
         staged = str(uuid.uuid4())
-        await store.create_job(staged, {"status": "STAGING", "target_user": "alice", "staging_timeout": "1"},
-                               staging_s=0.5)
+        await store.create_staging_job(staged, {"status": "STAGING", "target_user": "alice", "staging_timeout": "1"},
+                                       0.5)
         # every lease renewal now fails with a Redis error that is not "unavailable"
         redis_proc.cli("DEL", "pt:active")
         redis_proc.cli("SET", "pt:active", "not a sorted set")

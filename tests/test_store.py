@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import uuid
 
+import pytest
 import pytest_twisted
 
-from dtsbridge.store import Store, connect
+from dtsbridge.model import Status
+from dtsbridge.store import AlreadyEnded, Folder, JobGone, Release, Store, connect
 from tests.redis_fixture import RedisProcess
 
 T = "2026-01-01T00:00:00.000Z"
@@ -20,22 +22,26 @@ def fields(user: str = "alice", status: str = "SUBMITTED") -> dict[str, str]:
 async def test_create_or_join_by_folder_key(redis_proc: RedisProcess) -> None:
     store = Store(connect(redis_proc.url), prefix="t", timeout=5)
     try:
-        key = store.folder_key("alice", "alice/dts-1")
+        key = Folder("alice", "alice/dts-1")
         first = str(uuid.uuid4())
-        assert await store.create_job(first, fields(), folder_key=key) == (True, first)
+        assert await store.create_job(first, fields(), key) == (True, first)
         # a live job owns the folder: a repeat joins it, nothing new is queued
-        assert await store.create_job(str(uuid.uuid4()), fields(), folder_key=key) == (False, first)
+        assert await store.create_job(str(uuid.uuid4()), fields(), key) == (False, first)
+        assert (await store.job_for_folder(key)).job_id == first
         assert (await store.counts())["queued"] == 1
         # another user, same folder: a job of its own
         other = str(uuid.uuid4())
-        assert await store.create_job(other, fields("bob"), folder_key=store.folder_key("bob", "alice/dts-1")) \
-            == (True, other)
+        assert await store.create_job(other, fields("bob"), Folder("bob", "alice/dts-1")) == (True, other)
         # once the owner failed (or was cancelled), a new request makes a new job
-        assert await store.cancel(first, T, "cancelled on request") == "OK"
-        assert await store.cancel(first, T, "again") == "CANCELLED"
+        await store.cancel_job(first, T, "cancelled on request")
+        with pytest.raises(AlreadyEnded) as ended:
+            await store.cancel_job(first, T, "again")
+        assert ended.value.status is Status.CANCELLED
         retry = str(uuid.uuid4())
-        assert await store.create_job(retry, fields(), folder_key=key) == (True, retry)
-        assert await store.cancel(str(uuid.uuid4()), T, "x") == "NOTFOUND"
+        assert await store.create_job(retry, fields(), key) == (True, retry)
+        assert (await store.job_for_folder(key)).job_id == retry
+        with pytest.raises(JobGone):
+            await store.cancel_job(str(uuid.uuid4()), T, "x")
     finally:
         await store.close()
 
@@ -75,14 +81,14 @@ async def test_claim_is_fifo_and_skips_ended_jobs(redis_proc: RedisProcess) -> N
         ids = [str(uuid.uuid4()) for _ in range(3)]
         for job_id in ids:
             await store.create_job(job_id, fields())
-        assert await store.cancel(ids[0], T, "cancelled") == "OK"  # also leaves the queue
+        await store.cancel_job(ids[0], T, "cancelled")  # also leaves the queue
         assert await store.claim("tok1", "h:1", 30, T) == ids[1]
         assert await store.claim("tok2", "h:1", 30, T) == ids[2]
         assert await store.claim("tok3", "h:1", 30, T) is None
         job = await store.get_job(ids[1])
         assert job.status.value == "TRANSFERRING" and job.extra["attempts"] == 1
         # handing a job back puts it first in line again
-        assert await store.release(ids[1], "tok1", "handed back") == "released"
+        assert await store.release(ids[1], "tok1", "handed back") is Release.RELEASED
         assert await store.claim("tok4", "h:2", 30, T) == ids[1]
         assert (await store.get_job(ids[1])).extra["attempts"] == 2
     finally:

@@ -14,7 +14,8 @@ import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 
-from dtsbridge.store import WATCH_MARK_MS, Store, connect
+from dtsbridge.model import Status
+from dtsbridge.store import WATCH_MARK_MS, AlreadyEnded, Folder, Publishing, Release, Store, WatchMark, connect
 from tests.redis_fixture import RedisProcess
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,8 +41,16 @@ def pttl(redis_proc: RedisProcess, key: str) -> int:
     return int(redis_proc.cli("PTTL", key))
 
 
+def hget(redis_proc: RedisProcess, job_id: str, field: str) -> str:
+    return redis_proc.cli("HGET", f"{P}:job:{job_id}", field)
+
+
 def index(redis_proc: RedisProcess, name: str = "jobs") -> list[str]:
     return redis_proc.cli("ZRANGE", f"{P}:{name}", "0", "-1").split()
+
+
+def fkey(folder: Folder) -> str:
+    return f"{P}:folder:{folder.user}:{folder.rel}"
 
 
 def new_store(redis_proc: RedisProcess, retention_s: float) -> Store:
@@ -56,29 +65,29 @@ async def test_every_way_of_ending_forgets_the_job_and_what_names_it(redis_proc:
         # (a) a copy that succeeds: job and folder key expire together; the watcher's mark
         # outlives them (the folder may stay in the DTS area: it must not be delivered again)
         a = str(uuid.uuid4())
-        fa = store.folder_key("alice", "alice/dts-a")
-        assert await store.create_job(a, fields(), folder_key=fa) == (True, a)
+        fa = Folder("alice", "alice/dts-a")
+        assert await store.create_job(a, fields(), fa) == (True, a)
         await store.watched_done("alice/dts-a", a)
         assert pttl(redis_proc, f"{P}:job:{a}") == -1  # live: kept
         assert MARK - 5000 < pttl(redis_proc, f"{P}:watched:alice/dts-a") <= MARK
         assert await store.claim("tok-a", "h:1", 30, T) == a
-        assert await store.finish(a, "tok-a", "SUCCESS", T, {"path": "/alice/dts-a"}) == "SUCCESS"
-        for key in (f"{P}:job:{a}", fa):
+        assert await store.record_result(a, "tok-a", Status.SUCCESS, T, {"path": "/alice/dts-a"}) == Status.SUCCESS
+        for key in (f"{P}:job:{a}", fkey(fa)):
             assert 0 < pttl(redis_proc, key) <= 1500, key
         assert MARK - 5000 < pttl(redis_proc, f"{P}:watched:alice/dts-a") <= MARK
         ended.append(a)
         # (b) cancelled while queued
         b = str(uuid.uuid4())
-        fb = store.folder_key("alice", "alice/dts-b")
-        await store.create_job(b, fields(), folder_key=fb)
-        assert await store.cancel(b, T, "cancelled on request") == "OK"
-        assert 0 < pttl(redis_proc, f"{P}:job:{b}") <= 1500 and 0 < pttl(redis_proc, fb) <= 1500
+        fb = Folder("alice", "alice/dts-b")
+        await store.create_job(b, fields(), fb)
+        await store.cancel_job(b, T, "cancelled on request")
+        assert 0 < pttl(redis_proc, f"{P}:job:{b}") <= 1500 and 0 < pttl(redis_proc, fkey(fb)) <= 1500
         ended.append(b)
         # (c) a stager that reports failure, (d) a stager that never reports
         c, d = str(uuid.uuid4()), str(uuid.uuid4())
-        await store.create_job(c, fields(status="STAGING", authcode_hash="h"), staging_s=3600)
-        await store.create_job(d, fields(status="STAGING", authcode_hash="h2"), staging_s=0.2)
-        assert await store.staged(c, "h", False, T, {"detailed_status": "tape lost"}) == "OK"
+        await store.create_staging_job(c, fields(status="STAGING", authcode_hash="h"), 3600)
+        await store.create_staging_job(d, fields(status="STAGING", authcode_hash="h2"), 0.2)
+        await store.finish_staging(c, "h", False, T, {"detailed_status": "tape lost"})
         await sleep(0.3)
         assert await store.sweep_staging(T) == [d]
         for j in (c, d):
@@ -98,15 +107,15 @@ async def test_every_way_of_ending_forgets_the_job_and_what_names_it(redis_proc:
         f = str(uuid.uuid4())
         await store.create_job(f, fields())
         assert await store.claim("tok-f", "h:1", 30, T) == f
-        assert await store.cancel(f, T, "cancelled on request") == "OK"
+        await store.cancel_job(f, T, "cancelled on request")
         assert pttl(redis_proc, f"{P}:job:{f}") == -1
-        assert await store.finish(f, "tok-f", "CANCELLED", T, {}) == "CANCELLED"
+        assert await store.record_result(f, "tok-f", Status.CANCELLED, T, {}) == Status.CANCELLED
         assert 0 < pttl(redis_proc, f"{P}:job:{f}") <= 1500
         ended.append(f)
         # a live job and the folder key of a newer job for the same folder stay
         live = str(uuid.uuid4())
-        assert await store.create_job(live, fields(), folder_key=fb) == (True, live)  # b was cancelled
-        assert pttl(redis_proc, fb) == -1  # taken over by the live job: no expiry any more
+        assert await store.create_job(live, fields(), fb) == (True, live)  # b was cancelled
+        assert pttl(redis_proc, fkey(fb)) == -1  # taken over by the live job: no expiry any more
 
         assert sorted(index(redis_proc, "expiring")) == sorted(ended)
         assert await store.trim() == (0, 0)  # nothing due yet
@@ -119,13 +128,13 @@ async def test_every_way_of_ending_forgets_the_job_and_what_names_it(redis_proc:
         assert f"{P}:folder:alice:alice/dts-a" not in left
         # the marks: of a folder gone from the DTS area, forgotten; of one still there, kept
         assert [k for k in left if k.startswith(f"{P}:watched:")] == [f"{P}:watched:alice/dts-a"], left
-        assert f"{P}:job:{live}" in left and fb in left
+        assert f"{P}:job:{live}" in left and fkey(fb) in left
         for j in ended:
             assert await store.get_job(j) is None
         assert [j.job_id for j in await store.list_jobs()] == [live]
         # forgotten: the same folder is a new job
         again = str(uuid.uuid4())
-        assert await store.create_job(again, fields(), folder_key=fa) == (True, again)
+        assert await store.create_job(again, fields(), fa) == (True, again)
     finally:
         await store.close()
 
@@ -182,8 +191,8 @@ async def test_memory_stays_bounded_over_many_jobs(redis_proc: RedisProcess) -> 
             for i in range(n):
                 j = str(uuid.uuid4())
                 await store.create_job(j, fields(detailed_status="x" * 200),
-                                       folder_key=store.folder_key("alice", f"alice/{tag}-{i}"), enqueue=False)
-                await store.cancel(j, T, "cancelled")
+                                       Folder("alice", f"alice/{tag}-{i}"), enqueue=False)
+                await store.cancel_job(j, T, "cancelled")
                 await store.watched_done(f"alice/{tag}-{i}", j)
                 await store.watched_gone(f"alice/{tag}-{i}")  # (delete_source, or DTS's cleanup)
 
@@ -204,7 +213,7 @@ async def test_staging_job_and_its_deadline_are_one_step(redis_proc: RedisProces
     store = new_store(redis_proc, 60)
     try:
         j = str(uuid.uuid4())
-        await store.create_job(j, fields(status="STAGING"), staging_s=0.3)
+        await store.create_staging_job(j, fields(status="STAGING"), 0.3)
         assert index(redis_proc, "staging") == [j]
         assert (await store.counts())["queued"] == 0
         # the deadline cannot be missing: if the step fails, no job is left waiting
@@ -212,7 +221,7 @@ async def test_staging_job_and_its_deadline_are_one_step(redis_proc: RedisProces
         redis_proc.cli("SET", f"{P}:staging", "not a sorted set")
         broken = str(uuid.uuid4())
         with pytest.raises(Exception, match="WRONGTYPE"):
-            await store.create_job(broken, fields(status="STAGING"), staging_s=10)
+            await store.create_staging_job(broken, fields(status="STAGING"), 10)
         assert await store.get_job(broken) is None
         assert broken not in index(redis_proc)
     finally:
@@ -228,23 +237,27 @@ async def test_release_and_recover_keep_the_publish_record(redis_proc: RedisProc
         assert await store.claim("tok1", "h:1", 30, T) == j
         assert await store.fence(j, "tok1", {"publish_ino": 7, "publish_dev": 1})
         # a stopping process may not hand back a job past its publish fence
-        assert await store.release(j, "tok1", "handed back") == "publishing"
+        assert await store.release(j, "tok1", "handed back") is Release.PUBLISHING
         job = await store.get_job(j)
-        assert job.status.value == "TRANSFERRING" and await store.get_field(j, "claim") == "tok1"
-        assert await store.cancel(j, T, "cancel") == "PUBLISHING"
+        assert job.status.value == "TRANSFERRING" and hget(redis_proc, j, "claim") == "tok1"
+        with pytest.raises(Publishing):
+            await store.cancel_job(j, T, "cancel")
         # its holder died: recovery requeues it, publish record kept, still not cancellable
         assert await store.recover("holder died", j, "tok1") == ([j], [])
         assert (await store.get_job(j)).status.value == "SUBMITTED"
-        assert await store.get_field(j, "publishing") == "tok1"
-        assert await store.get_field(j, "publish_ino") == "7"
-        assert await store.cancel(j, T, "cancel") == "PUBLISHING"
+        assert hget(redis_proc, j, "publishing") == "tok1"
+        assert hget(redis_proc, j, "publish_ino") == "7"
+        with pytest.raises(Publishing):
+            await store.cancel_job(j, T, "cancel")
         # before the fence, a release hands the job back and it can be cancelled
         assert await store.claim("tok2", "h:1", 30, T) == j
         assert await store.unfence(j, "tok2")
-        assert await store.release(j, "tok2", "handed back") == "released"
-        assert await store.release(j, "tok2", "again") == "lost"
+        assert await store.release(j, "tok2", "handed back") is Release.RELEASED
+        assert await store.release(j, "tok2", "again") is Release.LOST
         assert (await store.get_job(j)).status.value == "SUBMITTED"
-        assert await store.cancel(j, T, "cancel") == "OK"
+        await store.cancel_job(j, T, "cancel")
+        with pytest.raises(AlreadyEnded):
+            await store.cancel_job(j, T, "cancel")
     finally:
         await store.close()
 
@@ -257,6 +270,7 @@ async def test_watcher_mark_outlives_its_job_and_is_renewed_while_the_folder_is_
         await store.create_job(j, fields(status="ERROR", reason="bad_request"), enqueue=False)
         key = f"{P}:watched:alice/dts-k"
         assert await store.mark_watched("alice/dts-k", "h:1")
+        assert await store.watch_mark("alice/dts-k") is WatchMark.TAKING
         assert 0 < pttl(redis_proc, key) <= 300_000  # a taker's mark: short
         await store.keep_watched("alice/dts-k")  # never lengthens a taker's mark
         assert 0 < pttl(redis_proc, key) <= 300_000
@@ -266,16 +280,17 @@ async def test_watcher_mark_outlives_its_job_and_is_renewed_while_the_folder_is_
         await sleep(0.8)
         await store.trim()
         assert await store.get_job(j) is None  # the job is forgotten ...
-        assert await store.watched("alice/dts-k") == j  # ... its folder's mark is not
+        assert await store.watch_mark("alice/dts-k") is WatchMark.DONE  # ... its folder's mark is not
+        assert redis_proc.cli("GET", key) == j
         redis_proc.cli("PEXPIRE", key, "60000")
         await store.keep_watched("alice/dts-k")  # renewed while the watcher sees the folder
         assert MARK - 5000 < pttl(redis_proc, key) <= MARK
         redis_proc.cli("DEL", key)
         await store.keep_watched("alice/dts-k")  # lost with Redis's data: put back (the watcher knows)
-        assert await store.watched("alice/dts-k") == "done" and MARK - 5000 < pttl(redis_proc, key)
+        assert redis_proc.cli("GET", key) == "done" and MARK - 5000 < pttl(redis_proc, key)
         await store.watched_gone("alice/dts-k")
         assert 0 < pttl(redis_proc, key) <= 500
         await sleep(0.6)
-        assert await store.watched("alice/dts-k") is None
+        assert await store.watch_mark("alice/dts-k") is None
     finally:
         await store.close()
