@@ -33,7 +33,7 @@ from dtsbridge.config import Config
 from dtsbridge.interfaces import ThreadRunner
 from dtsbridge.metrics import Metrics
 from dtsbridge.model import Job, Status, looks_like_job_id, now_iso
-from dtsbridge.store import Store, StoreUnavailable
+from dtsbridge.store import AlreadyEnded, BadCode, Folder, JobGone, NotStaging, Publishing, Store, StoreUnavailable
 from dtsbridge.users import Users, staging_rel
 
 
@@ -168,8 +168,7 @@ class Jobs:
         fields = self._new_fields(Status.SUBMITTED, user, subdirectory, submitter, kind, source)
         if timeout is not None:
             fields["timeout_seconds"] = f"{timeout:g}"
-        created, job_id = await self.store.create_job(
-            job_id, fields, folder_key=self.store.folder_key(user, source.rel))
+        created, job_id = await self.store.create_job(job_id, fields, Folder(user, source.rel))
         if created:
             self.log.info("job {job_id} queued: {folder} for {user} by {submitter}", job_id=job_id,
                           folder=source.rel, user=user, submitter=submitter)
@@ -184,8 +183,7 @@ class Jobs:
             return None
         if not rel:
             return None
-        job_id = await self.store.folder_job(self.store.folder_key(user, rel))
-        job = await self.store.get_job(job_id) if job_id else None
+        job = await self.store.job_for_folder(Folder(user, rel))
         return job if job is not None and job.status == Status.SUCCESS else None
 
     async def _must_get(self, job_id: str) -> Job:
@@ -223,35 +221,36 @@ class Jobs:
         if job_timeout is not None:
             fields["timeout_seconds"] = f"{job_timeout:g}"
         # the job and its staging deadline in one step: no job can wait for a stager forever
-        await self.store.create_job(job_id, fields, staging_s=timeout)
+        await self.store.create_staging_job(job_id, fields, timeout)
         self.log.info("job {job_id} waits for a stager ({timeout:g} s)", job_id=job_id, timeout=timeout)
         return await self._must_get(job_id), code
 
     async def done_staging(self, job_id: str, code: str, success: bool, path: str | None,
                            staged_to: str | None, msg: str | None) -> Job:
         """The stager's report: queue the staged folder, or end the job in ERROR."""
-        stored = await self.store.get_field(job_id, "authcode_hash") if looks_like_job_id(job_id) else None
+        stored = await self.store.authcode_hash(job_id) if looks_like_job_id(job_id) else None
         given = hash_code(code)
         if stored is None or not hmac.compare_digest(stored, given):
             raise errors.Forbidden("unknown job, wrong or used authcode, or the job is not waiting for staging")
         fields: dict[str, Any] = {"staged_to": staged_to, "stager_msg": msg, "stager_success": success}
-        folder_key = None
+        folder = None
         if success:
             job = await self._must_get(job_id)
             source = await self.resolve_for_staging(job.subdirectory, path)
             fields.update(source_rel=source.rel, stager_path=path,
                           detailed_status="staged; queued for copying")
-            folder_key = self.store.folder_key(job.target_user, source.rel)
+            folder = Folder(job.target_user, source.rel)
         else:
             fields.update(detailed_status=f"the stager reported failure: {msg or 'no message'}")
-        r = await self.store.staged(job_id, given, success, now_iso(), fields, folder_key)
-        if r != "OK":
-            raise errors.Forbidden("unknown job, wrong or used authcode, or the job is not waiting for staging")
+        try:
+            await self.store.finish_staging(job_id, given, success, now_iso(), fields, folder)
+        except (JobGone, NotStaging, BadCode):
+            raise errors.Forbidden("unknown job, wrong or used authcode, or the job is not waiting for staging") from None
         self.log.info("job {job_id} staged: success={success}", job_id=job_id, success=success)
         if success:
             self.worker.claim_soon()
         else:
-            self.metrics.jobs_finished.labels("ERROR", errors.STAGING_FAILED).inc()
+            self.metrics.jobs_finished.labels(Status.ERROR.value, errors.STAGING_FAILED).inc()
         return await self._must_get(job_id)
 
     async def resolve_for_staging(self, subdirectory: str, path: str | None = None) -> engine.Source:
@@ -279,13 +278,14 @@ class Jobs:
     # -- cancelling, waiting, reading -------------------------------------------
 
     async def cancel(self, job_id: str) -> Job:
-        r = await self.store.cancel(job_id, now_iso(), "cancelled on request")
-        if r == "NOTFOUND":
-            raise errors.NotFound(f"no job {job_id}")
-        if r == "PUBLISHING":
-            raise errors.Conflict("the job is publishing its folder and can no longer be cancelled")
-        if r != "OK":
-            raise errors.Conflict(f"the job has already ended ({r})")
+        try:
+            await self.store.cancel_job(job_id, now_iso(), "cancelled on request")
+        except JobGone:
+            raise errors.NotFound(f"no job {job_id}") from None
+        except Publishing:
+            raise errors.Conflict("the job is publishing its folder and can no longer be cancelled") from None
+        except AlreadyEnded as e:
+            raise errors.Conflict(f"the job has already ended ({e.status.value})") from None
         self.log.info("job {job_id} cancelled", job_id=job_id)
         if not self.worker.stop_copy(job_id):
             self.metrics.jobs_finished.labels(Status.CANCELLED.value, errors.CANCELLED).inc()

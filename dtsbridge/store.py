@@ -34,7 +34,7 @@ Every change that must be atomic is one Lua script (:mod:`dtsbridge.lua`), and
 every script reads the time from Redis (``TIME``) so hosts with skewed clocks
 agree on leases and deadlines. Callers never see a key or a script's reply: each
 method returns a value, an enum or a small result, or raises one of the
-:class:`Refused` exceptions (:class:`JobGone`, :class:`LeaseLost`,
+:class:`StoreRefused` exceptions (:class:`JobGone`, :class:`LeaseLost`,
 :class:`AlreadyEnded`, :class:`Publishing`, :class:`NotStaging`,
 :class:`BadCode`). A worker holds a job through a *claim token* stored on the job:
 heartbeats, the publish fence and the final state are refused once the claim
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
     from dtsbridge.hooks import HookQueue
 
 __all__ = ["DEFAULT_RETAIN_MS", "EVENT_KEEP_MS", "WATCH_MARK_MS", "AlreadyEnded", "BadCode", "Counts", "Created",
-           "Folder", "Holder", "JobGone", "LeaseLost", "NotStaging", "Publishing", "Recovered", "Refused",
+           "Folder", "Holder", "JobGone", "LeaseLost", "NotStaging", "Publishing", "Recovered", "StoreRefused",
            "Release", "Store", "StoreUnavailable", "Trimmed", "WatchMark", "connect", "parse_events",
            "refused_for_now"]
 
@@ -82,19 +82,19 @@ class StoreUnavailable(Exception):
 # -- what the store refuses -------------------------------------------------------
 
 
-class Refused(Exception):
+class StoreRefused(Exception):
     """The store refused a change: the job is not in a state that allows it (nothing changed)."""
 
 
-class JobGone(Refused):
+class JobGone(StoreRefused):
     """No such job: never made, or forgotten after its retention."""
 
 
-class LeaseLost(Refused):
+class LeaseLost(StoreRefused):
     """The claim token no longer holds the job: another attempt took it over, or it was forgotten."""
 
 
-class AlreadyEnded(Refused):
+class AlreadyEnded(StoreRefused):
     """The job has already ended, in ``status``."""
 
     def __init__(self, status: Status) -> None:
@@ -102,16 +102,16 @@ class AlreadyEnded(Refused):
         self.status = status
 
 
-class Publishing(Refused):
+class Publishing(StoreRefused):
     """The job is past its publish fence: its folder may be published, so it can no longer be
     cancelled or handed back; its holder records the result."""
 
 
-class NotStaging(Refused):
+class NotStaging(StoreRefused):
     """The job is not waiting for a stager (any more)."""
 
 
-class BadCode(Refused):
+class BadCode(StoreRefused):
     """The authcode is not the job's (or was used already)."""
 
 
@@ -411,15 +411,10 @@ class Store:
     # -- creating jobs -------------------------------------------------------
 
     async def create_job(self, job_id: str, fields: Mapping[str, object], folder: Folder | None = None, *,
-                         enqueue: bool = True, folder_key: Folder | None = None,
-                         staging_s: float | None = None) -> Created:
+                         enqueue: bool = True) -> Created:
         """Create a job (queued unless ``enqueue`` is false); with ``folder``, join the live job
         that owns it instead (see :class:`Created`). A job created already ended is scheduled
         to be forgotten like any other."""
-        folder = folder or folder_key  # (phase-1 compatibility: folder_key, staging_s)
-        if staging_s is not None:
-            await self.create_staging_job(job_id, fields, staging_s)
-            return Created(True, job_id)
         return await self._create(job_id, fields, self._folder_key(folder) if folder else "",
                                   "1" if enqueue else "0")
 
@@ -579,52 +574,6 @@ class Store:
     async def unmark_watched(self, mark: str) -> None:
         """Give a folder back to the watchers (its job could not be created)."""
         await self.call(self.redis.delete(self.key("watched", mark)))
-
-    # -- phase-1 compatibility: the old reply strings, for core.py until it moves to the
-    # typed API above (issue 11); removed with it. --------------------------------------
-
-    def folder_key(self, user: str, source_rel: str) -> Folder:
-        return Folder(user, source_rel)
-
-    async def folder_job(self, folder: Folder) -> str | None:
-        job = await self.job_for_folder(folder)
-        return job.job_id if job else None
-
-    async def get_field(self, job_id: str, field: str) -> str | None:
-        r: str | None = await self.call(self.redis.hget(self.key("job", job_id), field))
-        return r
-
-    async def heartbeat(self, job_id: str, token: str, lease_s: float, fields: Mapping[str, object]) -> str | None:
-        try:
-            return (await self.renew(job_id, token, lease_s, fields)).value
-        except LeaseLost:
-            return None
-
-    async def finish(self, job_id: str, token: str, status: str, iso_now: str,
-                     fields: Mapping[str, object]) -> str | None:
-        try:
-            return (await self.record_result(job_id, token, Status(status), iso_now, fields)).value
-        except LeaseLost:
-            return None
-
-    async def cancel(self, job_id: str, iso_now: str, detail: str) -> str:
-        try:
-            await self.cancel_job(job_id, iso_now, detail)
-        except JobGone:
-            return "NOTFOUND"
-        except Publishing:
-            return "PUBLISHING"
-        except AlreadyEnded as e:
-            return e.status.value
-        return "OK"
-
-    async def staged(self, job_id: str, code_hash: str, success: bool, iso_now: str, fields: Mapping[str, object],
-                     folder_key: Folder | None = None) -> str:
-        try:
-            await self.finish_staging(job_id, code_hash, success, iso_now, fields, folder_key)
-        except Refused:
-            return "REFUSED"
-        return "OK"
 
     async def close(self) -> None:
         if self._redis is None:

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from dtsbridge import engine, errors
 from dtsbridge.jobs import Jobs
 from dtsbridge.worker import Periodic
-from dtsbridge.model import now_iso
+from dtsbridge.model import Status, now_iso
 from dtsbridge.store import StoreUnavailable, WatchMark
 
 MANIFEST = "manifest.json"
@@ -281,5 +281,5 @@ class WatchService(Service):
         reason = e.reason or (errors.USER_NOT_FOUND if "user" in e.message else errors.BAD_REQUEST)
         job_id = str(uuid.uuid4())
         await self.jobs.store.record_watch_failure(job_id, mark, rel, user, reason, e.message, now_iso())
-        self.jobs.metrics.jobs_finished.labels("ERROR", reason).inc()
+        self.jobs.metrics.jobs_finished.labels(Status.ERROR.value, reason).inc()
         return job_id

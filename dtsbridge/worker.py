@@ -23,7 +23,7 @@ import os
 import secrets
 import socket
 import time
-from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar
+from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, cast
 
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
@@ -38,7 +38,7 @@ from dtsbridge.config import Config
 from dtsbridge.metrics import Metrics
 from dtsbridge.model import Status, now_iso
 from dtsbridge.procs import pid_alive
-from dtsbridge.store import Store, StoreUnavailable
+from dtsbridge.store import LeaseLost, Release, Store, StoreUnavailable
 from dtsbridge.attempt import Attempt, Fields, Running, Temps
 from dtsbridge.interfaces import ThreadRunner
 
@@ -209,7 +209,7 @@ class Worker(MultiService):
             self.log.warn("could not hand {job_id} back ({e}); its lease will lapse and another process "
                           "will take it up", job_id=run.job_id, e=e)
             return
-        if r == "publishing":
+        if r is Release.PUBLISHING:
             self.log.info("job {job_id} is publishing; letting it finish", job_id=run.job_id)
             run.lost = False  # it still holds its claim: it records its own result
             return
@@ -329,16 +329,18 @@ class Worker(MultiService):
                               job_id=job_id)
                 return
             try:
-                ended = await self.retrying("recording the result", job_id, lambda: self.store.finish(
-                    job_id, token, status.value, now_iso(), fields))
+                ended = await self.retrying("recording the result", job_id, lambda: self.store.record_result(
+                    job_id, token, status, now_iso(), fields))
             except StoreUnavailable as e:
                 self.log.warn("job {job_id}: could not record its result at shutdown ({e}); its lease will "
                               "lapse and it will be taken up again", job_id=job_id, e=e)
                 return
-            if ended is not None and run.ended is None:
-                self.metrics.jobs_finished.labels(ended, fields.get("reason", "") if ended != Status.CANCELLED
+            except LeaseLost:
+                return  # another attempt holds the job: its result is that attempt's to record
+            if run.ended is None:
+                self.metrics.jobs_finished.labels(ended.value, fields.get("reason", "") if ended != Status.CANCELLED
                                                   else errors.CANCELLED).inc()
-                self.metrics.job_seconds.labels(ended).observe(time.monotonic() - run.started)
+                self.metrics.job_seconds.labels(ended.value).observe(time.monotonic() - run.started)
                 self.log.info("job {job_id} ended {status}: {detail}", job_id=job_id, status=ended,
                               detail=fields.get("detailed_status", ""))
         finally:
@@ -365,7 +367,12 @@ class Worker(MultiService):
                       "files_total": run.files_total, "bytes_total": run.bytes_total,
                       "detailed_status": run.phase}
             try:
-                st = await self.store.heartbeat(run.job_id, run.token, self.config.lease_seconds, fields)
+                st = await self.store.renew(run.job_id, run.token, self.config.lease_seconds, fields)
+            except LeaseLost:
+                self.log.warn("job {job_id}: lease lost; stopping this copy", job_id=run.job_id)
+                run.lost = True
+                run.stop.set()
+                continue
             except StoreUnavailable:
                 renewed = False
                 continue
@@ -373,13 +380,9 @@ class Worker(MultiService):
                 renewed = False
                 failure = failure or e
                 continue
-            if st is None:
-                self.log.warn("job {job_id}: lease lost; stopping this copy", job_id=run.job_id)
-                run.lost = True
-                run.stop.set()
-            elif st in (Status.CANCELLED, Status.ERROR, Status.SUCCESS):  # cancelled, timed out or given up
+            if st.final:  # cancelled, timed out or given up
                 if run.ended is None and st != Status.CANCELLED:
-                    self._ended(run, Status(st))
+                    self._ended(run, st)
                 run.stop.set()
         steps: list[Callable[[], Awaitable[object]]] = [
             self._recover_lapsed, self._sweep_staging, self._sweep_deadlines, self.store.trim, self._refresh_counts]
@@ -426,7 +429,7 @@ class Worker(MultiService):
             self.on_ended(job_id)
 
     async def _refresh_counts(self) -> None:
-        self.counts = await self.store.counts()
+        self.counts = cast(dict[str, int], await self.store.counts())
 
     async def _stalls(self) -> None:
         """End every running copy whose bytes have not moved for ``[copy] stall_seconds``.

@@ -96,11 +96,8 @@ def test_public_fields_are_an_allow_list() -> None:
 
 @pytest.fixture(scope="module")
 def redis_mod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess]:
-    rp = start_private_redis(tmp_path_factory.mktemp("scripts"))
-    try:
+    with start_private_redis(tmp_path_factory.mktemp("scripts")) as rp:
         yield rp
-    finally:
-        rp.stop()
 
 
 @pytest_twisted.async_yield_fixture
