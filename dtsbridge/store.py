@@ -56,6 +56,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Mapping, NamedTuple, TypedDict
 import txredisapi
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from dtsbridge import lua
@@ -206,8 +207,9 @@ def parse_events(entries: Iterable[Any] | None) -> list[tuple[str, Job]]:
     return out
 
 
-def connect(url: str, poolsize: int = 10, reactor: Any = None) -> Any:
-    """A lazy, self-reconnecting txredisapi connection pool for ``url``.
+def connect(url: str, poolsize: int = 10) -> Any:
+    """A lazy, self-reconnecting txredisapi connection pool for ``url`` (txredisapi connects through
+    Twisted's global reactor: it takes no other).
 
     ``redis://[:password@]host:port[/db]``, ``unix:///path/redis.sock[?db=N]``, or
     ``redis+sentinel://host:port[,host:port…]/master_name[/db]`` (Sentinel).
@@ -244,10 +246,8 @@ class Store:
 
     log = Logger()
 
-    def __init__(self, redis: Any, prefix: str = "dtsbridge", timeout: float = 5.0, reactor: Any = None,
+    def __init__(self, redis: Any, reactor: IReactorTime, prefix: str = "dtsbridge", timeout: float = 5.0,
                  retention_s: float = DEFAULT_RETAIN_MS / 1000) -> None:
-        if reactor is None:
-            from twisted.internet import reactor  # noqa: F811
         self._redis = redis
         self.prefix = prefix
         self.timeout = timeout

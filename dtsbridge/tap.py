@@ -405,7 +405,7 @@ def makeService(options: Options) -> service.IService:
     metrics = Metrics()
     poolsize = max(10, cfg.max_jobs * 2 + 4)
     # An embedded Redis is connected to once it answers (no storm of refused connects at start).
-    store = Store(None if embedded else connect(redis_url, poolsize=poolsize, reactor=reactor),
+    store = Store(None if embedded else connect(redis_url, poolsize=poolsize),
                   prefix=cfg.key_prefix, timeout=cfg.redis_timeout, reactor=reactor,
                   retention_s=cfg.retention_seconds)
     policy = Users(cfg, users, run_in_thread)
@@ -424,7 +424,7 @@ def makeService(options: Options) -> service.IService:
     from dtsbridge.openapi import spec
     from dtsbridge.web import Api
     # The event reader's own connection: its blocking XREAD must not hold one of the pool's.
-    hub = EventHub(store, lambda: connect(redis_url, poolsize=1, reactor=reactor), reactor=reactor)
+    hub = EventHub(store, lambda: connect(redis_url, poolsize=1), reactor=reactor)
     metrics.add_gauge("dtsbridge_event_streams", "Open GET /events streams in this process",
                       lambda: len(hub.subscribers))
     api = Api(jobs, authenticator, metrics, health=make_health(cfg, store, worker, run_in_thread, reactor),
@@ -435,7 +435,7 @@ def makeService(options: Options) -> service.IService:
     strports.service(cfg.listen, site).setServiceParent(top)
 
     if embedded is not None:
-        AttachWhenReady(embedded, store, lambda: connect(redis_url, poolsize=poolsize, reactor=reactor),
+        AttachWhenReady(embedded, store, lambda: connect(redis_url, poolsize=poolsize),
                         reactor).setServiceParent(top)
     StoreService(store).setServiceParent(top)
     worker.setServiceParent(top)  # stops (drains) before the store closes

@@ -39,11 +39,14 @@ import os
 import stat
 import time
 import uuid
+from collections.abc import Callable
+
 from twisted.application.service import Service
 from twisted.internet.defer import ensureDeferred
 from twisted.logger import Logger
 
 from dtsbridge import engine, errors
+from dtsbridge.interfaces import ThreadRunner
 from dtsbridge.jobs import Jobs
 from dtsbridge.worker import Periodic
 from dtsbridge.model import Status, now_iso
@@ -114,7 +117,7 @@ class WatchService(Service):
 
     log = Logger()
 
-    def __init__(self, jobs: Jobs, run_in_thread, clock=time.monotonic) -> None:
+    def __init__(self, jobs: Jobs, run_in_thread: ThreadRunner, clock: Callable[[], float] = time.monotonic) -> None:
         self.jobs = jobs
         self.run_in_thread = run_in_thread
         self.clock = clock
@@ -127,13 +130,13 @@ class WatchService(Service):
         self._busy = False
 
     def startService(self) -> None:
-        super().startService()
+        Service.startService(self)
         # whatever a pass raises is logged and the next pass comes (never a dead loop)
         self._loop = Periodic("watching the DTS area", self.cfg.watch_interval, self._poll, self.jobs.clock)
         self._loop.startService()
 
     def stopService(self) -> None:
-        super().stopService()
+        Service.stopService(self)
         if self._loop is not None:
             self._loop.stopService()
 
@@ -153,7 +156,7 @@ class WatchService(Service):
             self.log.warn("cannot list the DTS area {root}: {e}", root=self.cfg.dts_root, e=e)
             return []
         now = self.clock()
-        queued = []
+        queued: list[str] = []
         store = self.jobs.store
         for rel, sig in found.items():
             if rel in self.done:

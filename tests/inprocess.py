@@ -60,7 +60,7 @@ def make_parts(tmp_path: Path, redis_url: str, settings: dict[str, dict[str, str
         overrides.setdefault(section, {}).update(values)
     cfg = configmod.load(None, overrides, environ={})
     clock = ClockReactor()
-    store = Store(connect(redis_url), prefix=f"t{uuid.uuid4().hex[:6]}", timeout=5, retention_s=600)
+    store = Store(connect(redis_url), reactor, prefix=f"t{uuid.uuid4().hex[:6]}", timeout=5, retention_s=600)
     metrics = Metrics()
     policy = Users(cfg, auth.DirectoryUsers(str(users), threads.deferToThread), threads.deferToThread)
     waiters = Waiters()

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import pytest_twisted
-from twisted.internet import task
+from twisted.internet import reactor, task
 
 from dtsbridge.model import Status
 from dtsbridge.store import EVENT_KEEP_MS, Store, connect
@@ -31,7 +31,7 @@ async def _sleep(seconds: float) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_every_change_is_one_event_in_the_same_script(redis_proc: RedisProcess) -> None:
-    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    store = Store(connect(redis_proc.url), reactor, prefix="t", timeout=5)
     try:
         job_id = str(uuid.uuid4())
         await store.create_job(job_id, {"status": "SUBMITTED", "target_user": "alice", "time_submitted": T,
@@ -75,7 +75,7 @@ async def test_every_change_is_one_event_in_the_same_script(redis_proc: RedisPro
 
 @pytest_twisted.ensureDeferred
 async def test_the_stream_is_trimmed_by_age_not_by_count(redis_proc: RedisProcess) -> None:
-    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    store = Store(connect(redis_proc.url), reactor, prefix="t", timeout=5)
     try:
         now_ms = int(time.time() * 1000)
         old = now_ms - EVENT_KEEP_MS - 3600_000

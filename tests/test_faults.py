@@ -430,7 +430,7 @@ async def _sleep(seconds: float) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_stale_worker_cannot_publish_or_overwrite(redis_proc: RedisProcess) -> None:
-    store = Store(connect(redis_proc.url), prefix="fence", timeout=5)
+    store = Store(connect(redis_proc.url), reactor, prefix="fence", timeout=5)
     try:
         job_id = str(uuid.uuid4())
         created, _ = await store.create_job(job_id, {"status": "SUBMITTED", "target_user": "alice",

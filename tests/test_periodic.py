@@ -91,7 +91,7 @@ async def real_sleep(seconds: float) -> None:
 async def test_housekeeping_survives_any_redis_error(redis_proc: RedisProcess, tmp_path: Path) -> None:
     cfg = configmod.load(None, {"paths": {"dts_root": str(tmp_path / "dts"), "user_root": str(tmp_path / "users")},
                                 "redis": {"url": redis_proc.url}, "copy": {"lease_seconds": "30"}}, environ={})
-    store = Store(connect(redis_proc.url), prefix="pt", timeout=5, retention_s=60)
+    store = Store(connect(redis_proc.url), reactor, prefix="pt", timeout=5, retention_s=60)
     clock = Clock()
     run = lambda f, *a, **kw: defer.maybeDeferred(f, *a, **kw)  # noqa: E731
     worker = Worker(cfg, store, Users(cfg, None, run), run, clock, Metrics(), on_ended=lambda job_id: None)

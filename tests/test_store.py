@@ -6,6 +6,7 @@ import uuid
 
 import pytest
 import pytest_twisted
+from twisted.internet import reactor
 
 from dtsbridge.model import Status
 from dtsbridge.store import AlreadyEnded, Folder, JobGone, Release, Store, connect
@@ -20,7 +21,7 @@ def fields(user: str = "alice", status: str = "SUBMITTED") -> dict[str, str]:
 
 @pytest_twisted.ensureDeferred
 async def test_create_or_join_by_folder_key(redis_proc: RedisProcess) -> None:
-    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    store = Store(connect(redis_proc.url), reactor, prefix="t", timeout=5)
     try:
         key = Folder("alice", "alice/dts-1")
         first = str(uuid.uuid4())
@@ -48,7 +49,7 @@ async def test_create_or_join_by_folder_key(redis_proc: RedisProcess) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_list_jobs_newest_first_filtered_and_limited(redis_proc: RedisProcess) -> None:
-    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    store = Store(connect(redis_proc.url), reactor, prefix="t", timeout=5)
     try:
         made = []
         for i in range(7):
@@ -76,7 +77,7 @@ async def test_list_jobs_newest_first_filtered_and_limited(redis_proc: RedisProc
 
 @pytest_twisted.ensureDeferred
 async def test_claim_is_fifo_and_skips_ended_jobs(redis_proc: RedisProcess) -> None:
-    store = Store(connect(redis_proc.url), prefix="t", timeout=5)
+    store = Store(connect(redis_proc.url), reactor, prefix="t", timeout=5)
     try:
         ids = [str(uuid.uuid4()) for _ in range(3)]
         for job_id in ids:

@@ -54,7 +54,7 @@ def fkey(folder: Folder) -> str:
 
 
 def new_store(redis_proc: RedisProcess, retention_s: float) -> Store:
-    return Store(connect(redis_proc.url), prefix=P, timeout=5, retention_s=retention_s)
+    return Store(connect(redis_proc.url), reactor, prefix=P, timeout=5, retention_s=retention_s)
 
 
 @pytest_twisted.ensureDeferred

@@ -102,7 +102,7 @@ def redis_mod(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisProcess
 
 @pytest_twisted.async_yield_fixture
 async def store(redis_mod: RedisProcess) -> AsyncIterator[Store]:
-    s = Store(connect(redis_mod.url), prefix="s" + uuid.uuid4().hex[:8], timeout=5, retention_s=60)
+    s = Store(connect(redis_mod.url), reactor, prefix="s" + uuid.uuid4().hex[:8], timeout=5, retention_s=60)
     try:
         yield s
     finally:
@@ -446,7 +446,7 @@ async def test_sweep_staging_ends_jobs_whose_stager_never_reported(store: Store)
 
 @pytest_twisted.ensureDeferred
 async def test_trim_drops_forgotten_jobs_from_the_index(redis_mod: RedisProcess) -> None:
-    store = Store(connect(redis_mod.url), prefix="trim" + uuid.uuid4().hex[:6], timeout=5, retention_s=0.2)
+    store = Store(connect(redis_mod.url), reactor, prefix="trim" + uuid.uuid4().hex[:6], timeout=5, retention_s=0.2)
     try:
         ended, live = new_id(), new_id()
         await store.create_job(ended, fields())
