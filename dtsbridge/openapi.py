@@ -52,6 +52,12 @@ _TIMEOUT = {"type": "number", "exclusiveMinimum": True, "minimum": 0,
                            "seconds after the request"}
 
 
+def _open_get(summary: str, description: str, media_type: str, schema: dict[str, Any] = _STR) -> dict[str, Any]:
+    """A GET that needs no token, answering 200 with one media type."""
+    return {"get": {"summary": summary, "security": [],
+                    "responses": {"200": {"description": description, "content": {media_type: {"schema": schema}}}}}}
+
+
 def spec(version: str, staging_max_timeout: float = 604800) -> dict[str, Any]:
     job_props = {name: _FIELD_SCHEMA[t] for name, t in PUBLIC_FIELDS.items()}
     job_props["status"] = {"type": "string", "enum": STATUSES}
@@ -250,38 +256,16 @@ def spec(version: str, staging_max_timeout: float = 604800) -> dict[str, Any]:
                 "responses": {"301": {"description": "To /ui/", "headers": {"Location": {"schema": _STR}},
                                       "content": {"text/html": {"schema": _STR}}}},
             }},
-            "/ui/": {"get": {
-                "summary": "The web page: jobs with live progress (the token is typed into the page)",
-                "security": [],
-                "responses": {"200": {"description": "HTML", "content": {"text/html": {"schema": _STR}}}},
-            }},
-            "/ui/app.js": {"get": {
-                "summary": "The page's script",
-                "security": [],
-                "responses": {"200": {"description": "JavaScript",
-                                      "content": {"text/javascript": {"schema": _STR}}}},
-            }},
-            "/ui/app.css": {"get": {
-                "summary": "The page's style sheet",
-                "security": [],
-                "responses": {"200": {"description": "CSS", "content": {"text/css": {"schema": _STR}}}},
-            }},
+            "/ui/": _open_get("The web page: jobs with live progress (the token is typed into the page)",
+                              "HTML", "text/html"),
+            "/ui/app.js": _open_get("The page's script", "JavaScript", "text/javascript"),
+            "/ui/app.css": _open_get("The page's style sheet", "CSS", "text/css"),
             "/healthz": {"get": {
                 "summary": "Health: Redis answers, both roots reachable, not draining",
                 "security": [],
                 "responses": {"200": _ok("Healthy", "Health"), "503": _ok("What is wrong", "Health")},
             }},
-            "/metrics": {"get": {
-                "summary": "Prometheus metrics",
-                "security": [],
-                "responses": {"200": {"description": "Prometheus text format",
-                                      "content": {"text/plain": {"schema": _STR}}}},
-            }},
-            "/openapi.json": {"get": {
-                "summary": "This document",
-                "security": [],
-                "responses": {"200": {"description": "OpenAPI 3",
-                                      "content": {"application/json": {"schema": {"type": "object"}}}}},
-            }},
+            "/metrics": _open_get("Prometheus metrics", "Prometheus text format", "text/plain"),
+            "/openapi.json": _open_get("This document", "OpenAPI 3", "application/json", {"type": "object"}),
         },
     }
