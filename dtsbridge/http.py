@@ -232,7 +232,7 @@ class QuietSite(Site):
         #: called with (route, code) for each request refused before any route ran
         self.on_refuse: Callable[[str, int], None] | None = None
 
-    def protocol(self) -> BoundedChannel:  # type: ignore[override]
+    def protocol(self) -> BoundedChannel:  # type: ignore[override]  # Site's is a class; called alike
         # A plain HTTP/1.1 channel that refuses big bodies at once and bounds slow clients
         # (BoundedChannel), instead of Twisted's generic HTTP/1.1-or-2 wrapper.
         channel = BoundedChannel()

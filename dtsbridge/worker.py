@@ -23,6 +23,7 @@ import os
 import secrets
 import socket
 import time
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Awaitable, Callable, TypeVar, cast
 
 from twisted.application.internet import TimerService
@@ -80,7 +81,7 @@ class Periodic(TimerService):
 
         def call() -> object:
             r = self.fn()
-            return ensureDeferred(r) if hasattr(r, "__await__") and not isinstance(r, Deferred) else r  # type: ignore[arg-type]
+            return ensureDeferred(r) if isinstance(r, Coroutine) else r
 
         d = defer.maybeDeferred(call)
         return d.addCallbacks(self._ok, self._failed)

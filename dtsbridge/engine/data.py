@@ -45,7 +45,7 @@ def for_job(f: _F) -> _F:
         finally:
             _JOB_ID.reset(token)
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper  # type: ignore[return-value]  # wraps(f) keeps f's signature, which mypy cannot see
 
 CHUNK = 256 * 1024
 
