@@ -34,6 +34,7 @@ from zope.interface import implementer
 from dtsbridge import auth, errors
 from dtsbridge.events import EVENT_ID, EventHub, SlowClient, Subscriber
 from dtsbridge.http import KNOWN_ROUTES, MAX_BODY, error_body
+from dtsbridge.interfaces import Authenticator
 from dtsbridge.jobs import Caller, Jobs
 from dtsbridge.metrics import Metrics
 from dtsbridge.model import Job, Status, looks_like_job_id
@@ -335,7 +336,7 @@ class Api:
     app = Klein()
     log = Logger()
 
-    def __init__(self, jobs: Jobs, authenticator: Any, metrics: Metrics,
+    def __init__(self, jobs: Jobs, authenticator: Authenticator, metrics: Metrics,
                  health: Callable[[], Awaitable[list[str]]] | None = None,
                  openapi: dict[str, Any] | None = None, events: EventHub | None = None) -> None:
         self.jobs = jobs
