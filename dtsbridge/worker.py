@@ -61,20 +61,34 @@ class Periodic(TimerService):
     or a failed Deferred or coroutine) is logged and the next tick comes as usual.
     The first failure of a streak is logged with its traceback, then one line a
     minute while it lasts, and the recovery once it ends. A run still going when a
-    tick is due delays that tick (runs never overlap). The first run is at start.
+    tick is due delays that tick (runs never overlap). The first run is at start,
+    or one interval later with ``now=False``.
     """
 
     log = Logger()
 
-    def __init__(self, name: str, interval: float, fn: Callable[[], object], clock: IReactorTime) -> None:
+    def __init__(self, name: str, interval: float, fn: Callable[[], object], clock: IReactorTime,
+                 now: bool = True) -> None:
         TimerService.__init__(self, interval, self._once)
         self.clock = self._clock = clock
         self.name = name
         self.interval = interval
         self.fn = fn
+        self.now = now
         self.runs = 0
         self.failures = 0  # in a row
         self._logged_at: float | None = None
+
+    def startService(self) -> None:
+        if self.now:
+            TimerService.startService(self)
+            return
+        # TimerService's start, with the first run one interval later
+        Service.startService(self)
+        self._loop = task.LoopingCall(self._once)
+        self._loop.clock = self._clock
+        self._loopFinished = self._loop.start(self.step, now=False)
+        self._loopFinished.addErrback(self._failed)
 
     def _once(self) -> Deferred[None]:
         self.runs += 1
@@ -144,7 +158,8 @@ class Worker(MultiService):
         self.halt_when_idle = False  # SIGUSR2: finish current jobs, take no more
         self.stopping = False  # stop() is handing jobs back: Redis calls no longer wait out an outage
         self._claiming = False
-        self.claims = Periodic("claiming jobs", 0.2, self.claim_soon, reactor)
+        # (the first claim round after 0.2 s: recovering the jobs of dead local processes goes first)
+        self.claims = Periodic("claiming jobs", 0.2, self.claim_soon, reactor, now=False)
         self.claims.setServiceParent(self)
         self.housekeeping = Periodic("housekeeping (leases, recovery, staging timeouts)", 1.0, self.tick, reactor)
         self.housekeeping.setServiceParent(self)

@@ -83,6 +83,20 @@ def test_periodic_logs_a_long_streak_once_a_minute() -> None:
     assert len([e for e in events if "still failing" in e.get("log_format", "")]) == 2
 
 
+def test_periodic_first_run_one_interval_later_with_now_false() -> None:
+    clock = Clock()
+    calls: list[float] = []
+    p = Periodic("later", 0.2, lambda: calls.append(clock.seconds()) or 1 / 0, clock, now=False)
+    p.startService()
+    assert calls == [] and p.running
+    for _ in range(3):
+        clock.advance(0.2)
+    assert calls == pytest.approx([0.2, 0.4, 0.6]) and p.failures == 3  # failing runs: still ticking
+    p.stopService()
+    clock.advance(1)
+    assert len(calls) == 3 and not p.running
+
+
 async def real_sleep(seconds: float) -> None:
     await deferLater(reactor, seconds, lambda: None)
 
