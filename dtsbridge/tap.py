@@ -321,6 +321,8 @@ def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thre
         problems: list[str] = []
         if worker.draining:
             problems.append("draining: the process is shutting down")
+        elif not worker.recovered:
+            problems.append("starting: the jobs of dead processes on this host are not yet back in the queue")
         stuck = worker.stuck()
         if stuck:
             now = time.monotonic()

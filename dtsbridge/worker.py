@@ -157,6 +157,7 @@ class Worker(MultiService):
         self.draining = False
         self.halt_when_idle = False  # SIGUSR2: finish current jobs, take no more
         self.stopping = False  # stop() is handing jobs back: Redis calls no longer wait out an outage
+        self.recovered = False  # the start-up recovery of dead local processes' jobs is done (/healthz waits for it)
         self._claiming = False
         # (the first claim round after 0.2 s: recovering the jobs of dead local processes goes first)
         self.claims = Periodic("claiming jobs", 0.2, self.claim_soon, reactor, now=False)
@@ -504,4 +505,5 @@ class Worker(MultiService):
                 await self.temps.cleanup_ended(j)
             if requeued:
                 self.log.info("job {job_id}: its process {pid} died; back in the queue", job_id=job_id, pid=pid)
+        self.recovered = True
         self.claim_soon()

@@ -76,6 +76,7 @@ async def test_housekeeping_ends_a_staging_job_on_time_and_survives_a_failing_ru
 
     parts.store.trim = trim  # type: ignore[method-assign]
     with capturedLogs() as events:
+        assert not worker.recovered  # /healthz says "starting" until the start-up recovery ran
         worker.startService()
         assert worker.claims.running and worker.housekeeping.running
         await real_sleep(1.2)  # the staging deadline passes (Redis keeps real time)
@@ -83,6 +84,7 @@ async def test_housekeeping_ends_a_staging_job_on_time_and_survives_a_failing_ru
             parts.clock.advance(1.0)
             await real_sleep(0.2)
         assert worker.housekeeping.running and worker.housekeeping.failures >= 2
+        assert worker.recovered
         ended = await waiter  # the sweep ended it and woke the waiter
         assert ended.status == Status.ERROR and ended.reason == errors.STAGING_TIMEOUT
         failing[0] = False
