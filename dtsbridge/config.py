@@ -292,6 +292,17 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
     if retry_first > 10:
         raise ConfigError("[notify] retry_first_seconds: must be at most 10")
 
+    staging_max = _number("staging", "max_timeout_seconds", v["staging"]["max_timeout_seconds"], kind=float,
+                          minimum=1)
+    staging_timeout = _number("staging", "timeout_seconds", v["staging"]["timeout_seconds"], kind=float, minimum=1)
+    if staging_timeout > staging_max:
+        # A default above the operator's maximum would refuse every /submitTransfer without its
+        # own staging_timeout: the unset default follows the maximum down; a value set is an error.
+        if v["staging"]["timeout_seconds"] != DEFAULTS["staging"]["timeout_seconds"]:
+            raise ConfigError(f"[staging] timeout_seconds: {staging_timeout:g} is above "
+                              f"[staging] max_timeout_seconds ({staging_max:g})")
+        staging_timeout = staging_max
+
     dts_root, user_root = p("paths", "dts_root"), p("paths", "user_root")
     _separate_roots(dts_root, user_root)
 
@@ -331,8 +342,8 @@ def load(path: str | None, overrides: Mapping[str, Mapping[str, str]] | None = N
         max_jobs_per_user=per_user,
         reflink=_choice("copy", "reflink", v["copy"]["reflink"], ("auto", "never")),
         stall_seconds=_number("copy", "stall_seconds", v["copy"]["stall_seconds"], kind=float),
-        staging_timeout=_number("staging", "timeout_seconds", v["staging"]["timeout_seconds"], kind=float, minimum=1),
-        staging_max_timeout=_number("staging", "max_timeout_seconds", v["staging"]["max_timeout_seconds"], kind=float, minimum=1),
+        staging_timeout=staging_timeout,
+        staging_max_timeout=staging_max,
         watch_enabled=_bool("watch", "enabled", v["watch"]["enabled"]),
         watch_interval=_number("watch", "interval_seconds", v["watch"]["interval_seconds"], kind=float, minimum=0.1),
         watch_settle=_number("watch", "settle_seconds", v["watch"]["settle_seconds"], kind=float),

@@ -162,3 +162,19 @@ def test_overlapping_roots_are_refused_naming_the_keys(tmp_path: Path, dts: str,
     env = {"DTSBRIDGE_PATHS_DTS_ROOT": str(tmp_path / "area" / "dts"),
            "DTSBRIDGE_PATHS_USER_ROOT": str(tmp_path / "area" / "dts-users")}
     assert config.load(str(write(tmp_path, SPEC_EXAMPLE)), environ=env).user_root.endswith("dts-users")
+
+
+def test_staging_default_follows_a_lower_maximum_and_a_contradiction_stops(tmp_path: Path) -> None:
+    # Only the maximum set (as tests/test_fuzz.py does): the 86400 s default would refuse every
+    # /submitTransfer that gives no staging_timeout of its own, so it follows the maximum down.
+    path = str(write(tmp_path, SPEC_EXAMPLE + "[staging]\nmax_timeout_seconds = 3600\n"))
+    c = config.load(path, environ={})
+    assert (c.staging_timeout, c.staging_max_timeout) == (3600, 3600)
+    # Both set, the default above the maximum: the operator's contradiction stops startup.
+    path = str(write(tmp_path, SPEC_EXAMPLE + "[staging]\ntimeout_seconds = 7200\nmax_timeout_seconds = 3600\n"))
+    with pytest.raises(config.ConfigError, match=r"\[staging\] timeout_seconds: 7200 is above"):
+        config.load(path, environ={})
+    # Below the maximum, both stand as given.
+    path = str(write(tmp_path, SPEC_EXAMPLE + "[staging]\ntimeout_seconds = 60\nmax_timeout_seconds = 3600\n"))
+    c = config.load(path, environ={})
+    assert (c.staging_timeout, c.staging_max_timeout) == (60, 3600)
