@@ -76,11 +76,23 @@ class Options(usage.Options):
         overrides = {"server": {"listen": self["listen"]}, "redis": {"url": self["redis"]}}
         try:
             self.config = configmod.load(self["config"], overrides)
+            _check_listen(self.config.listen)
         except configmod.ConfigError as e:
             # One clear line, then stop: twistd's usage dump would bury it.
             sys.stderr.write(f"dtsbridge: configuration error: {e}\n")
             sys.stderr.flush()
             raise SystemExit(2)
+
+
+def _check_listen(description: str) -> None:
+    """Parse the endpoint string now (nothing listens yet), so a typo is one configuration line."""
+    from twisted.internet import endpoints
+    from twisted.internet import reactor
+    try:
+        endpoints.serverFromString(reactor, description)
+    except Exception as e:  # noqa: BLE001 - Twisted's parser raises ValueError, KeyError, TypeError, ...
+        raise configmod.ConfigError(f"[server] listen: {description!r} is not a Twisted server endpoint "
+                                    f"string ({e.__class__.__name__}: {e})") from None
 
 
 class SequentialMultiService(service.MultiService):
@@ -331,7 +343,7 @@ def make_health(cfg: configmod.Config, store: Store, worker: Worker, run_in_thre
             if len(worker.active) >= worker.max_threads():
                 problems.append("no copy can start: the copy threads are all taken by stuck ones")
         try:
-            await store.ping()
+            await store.writable()  # a PING answers even while every write is refused
         except StoreUnavailable as e:
             problems.append(f"redis: {e}")
         except Exception as e:  # noqa: BLE001

@@ -754,3 +754,14 @@ def test_openapi_job_schema_fits_every_stored_field_kind():
     assert set(body) <= documented, set(body) - documented  # every public field is documented
     for secret in ("claim", "lease_host", "authcode_hash", "publish_tmp", "active_user", "source_rel", "dest_parts"):
         assert secret not in body
+
+
+@pytest.mark.parametrize("listen", ["nonsense:1", "tcp:notaport", "tcp:8080:bogus=1"])
+def test_a_bad_listen_endpoint_is_one_configuration_line(tmp_path, redis_proc, listen) -> None:
+    b = DtsBridge(tmp_path, redis_proc.url, settings={"server": {"listen": listen}})
+    b.write_config()
+    p = subprocess.run(b.command(), cwd=str(b.root), env=b.env(), capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2, (p.returncode, p.stdout, p.stderr)
+    out = (p.stdout + p.stderr).strip()
+    assert out.startswith("dtsbridge: configuration error: [server] listen:"), out
+    assert "Traceback" not in out and len(out.splitlines()) == 1, out
