@@ -617,3 +617,11 @@ local ttl = redis.call('PTTL', KEYS[1])
 if ttl < 0 or ttl > tonumber(ARGV[2]) then redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[2])) end
 return 1
 """
+
+# KEYS: a probe key ; ARGV: prefix ; /healthz's question "are writes taken now?": a write, at
+# once undone. Refused like any write (OOM under noeviction, READONLY on a replica); leaves nothing.
+PROBE_WRITE = """
+redis.call('SET', KEYS[1], '1')
+redis.call('DEL', KEYS[1])
+return 1
+"""

@@ -340,6 +340,12 @@ class Store:
     async def ping(self) -> bool:
         return (await self.call(self.redis.ping())) in ("PONG", b"PONG", True)
 
+    async def writable(self) -> None:
+        """Raise :class:`StoreUnavailable` unless Redis takes writes now (a PING answers even when
+        every write is refused: out of memory under noeviction, a read-only replica, short of replicas).
+        One script writes a key and deletes it: nothing is left, whatever the answer."""
+        await self.eval(lua.PROBE_WRITE, [self.key("health-probe")], [])
+
     async def get_job(self, job_id: str) -> Job | None:
         h = await self.call(self.redis.hgetall(self.key("job", job_id)))
         if not h or "status" not in h:

@@ -355,9 +355,12 @@ def test_housekeeping_survives_redis_refusing_writes(services, redis_proc: Redis
         time.sleep(3.5)  # several ticks: lease renewals refused
         r = b.call("POST", "/submitTransfer", token=DTS_TOKEN, json_body={"target_user": "bob", "subdirectory": "x"})
         assert r.status == 503, r  # a write refused for now: a 503 (retry later), not a 500
-        assert b.call("GET", "/healthz").status == 200
+        # a PING still answers, but no job can move: /healthz says so
+        h = b.call("GET", "/healthz")
+        assert h.status == 503 and any(p.startswith("redis") and "OOM" in p for p in h.json()["problems"]), h
     finally:
         redis_proc.cli("CONFIG", "SET", "maxmemory", "0")
+    wait_until(lambda: b.call("GET", "/healthz").status == 200, 10, "healthy again once writes are taken")
     # the loop kept running: the staging timeout is applied, the copy's lease was renewed throughout
     s = b.wait_status(staging, "ERROR", timeout=10)
     assert s["reason"] == "staging_timeout", s

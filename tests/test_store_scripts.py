@@ -21,7 +21,7 @@ from twisted.internet.task import deferLater
 from dtsbridge import errors, hooks, lua
 from dtsbridge.model import FINAL, PUBLIC_FIELDS, Job, Status
 from dtsbridge.openapi import spec
-from dtsbridge.store import (AlreadyEnded, BadCode, Created, Folder, JobGone, LeaseLost, NotStaging, Publishing,
+from dtsbridge.store import (StoreUnavailable, AlreadyEnded, BadCode, Created, Folder, JobGone, LeaseLost, NotStaging, Publishing,
                              Recovered, Release, Store, Trimmed, WatchMark, connect)
 from tests.redis_fixture import RedisProcess, start_private_redis
 
@@ -55,6 +55,7 @@ COVERED = {
     "HOOK_ADD": "test_webhook_deliveries",
     "HOOK_TAKE": "test_webhook_deliveries",
     "HOOK_SETTLE": "test_webhook_deliveries",
+    "PROBE_WRITE": "test_writable_is_refused_when_writes_are_and_leaves_nothing",
 }
 
 
@@ -531,3 +532,21 @@ async def test_webhook_deliveries(store: Store) -> None:
     assert await q.retry(b.member, "t3", -1, "gave up") is True
     assert await q.pending() == 0
     assert await redis(store, "EXISTS", store.key("hook", b.member)) == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_writable_is_refused_when_writes_are_and_leaves_nothing(store: Store) -> None:
+    before = await redis(store, "DBSIZE")
+    await store.writable()
+    assert await redis(store, "DBSIZE") == before
+    assert await store.ping()
+    await redis(store, "CONFIG", "SET", "maxmemory-policy", "noeviction")
+    await redis(store, "CONFIG", "SET", "maxmemory", "1")
+    try:
+        assert await store.ping()  # a PING still answers ...
+        with pytest.raises(StoreUnavailable, match="OOM"):
+            await store.writable()  # ... but no write is taken
+    finally:
+        await redis(store, "CONFIG", "SET", "maxmemory", "0")
+    await store.writable()
+    assert await redis(store, "DBSIZE") == before
