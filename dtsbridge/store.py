@@ -181,6 +181,14 @@ def refused_for_now(message: str) -> bool:
     return _REFUSED_FOR_NOW.search(message) is not None
 
 
+def refusal_text(message: str) -> str:
+    """Redis's refusal without what wraps it: a script's SHA and line are ours, not the caller's
+    business (``OOM command not allowed when used memory > 'maxmemory'.``)."""
+    m = _REFUSED_FOR_NOW.search(message)
+    text = message[m.start(1):] if m else message
+    return re.split(r"\s*script: [0-9a-f]+, on @user_script", text)[0].strip()
+
+
 def _flat(fields: Mapping[str, object] | Iterable[tuple[str, object]]) -> list[str]:
     items = fields.items() if isinstance(fields, Mapping) else fields
     out: list[str] = []
@@ -295,7 +303,7 @@ class Store:
             # Redis up but refusing for now (loading, failing over, out of memory under
             # noeviction, short of replicas): a 503, and retried by whoever must not give up.
             if refused_for_now(msg):
-                raise StoreUnavailable(f"Redis is not ready: {msg}") from None
+                raise StoreUnavailable(f"Redis is not ready: {refusal_text(msg)}") from None
             raise
         except ConnectionError as e:  # builtin, e.g. refused while connecting
             self.errors += 1

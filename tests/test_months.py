@@ -355,6 +355,8 @@ def test_housekeeping_survives_redis_refusing_writes(services, redis_proc: Redis
         time.sleep(3.5)  # several ticks: lease renewals refused
         r = b.call("POST", "/submitTransfer", token=DTS_TOKEN, json_body={"target_user": "bob", "subdirectory": "x"})
         assert r.status == 503, r  # a write refused for now: a 503 (retry later), not a 500
+        message = r.json()["error"]["message"]  # Redis's refusal, not our script's SHA and line
+        assert "OOM" in message and "script" not in message, message
         # a PING still answers, but no job can move: /healthz says so
         h = b.call("GET", "/healthz")
         assert h.status == 503 and any(p.startswith("redis") and "OOM" in p for p in h.json()["problems"]), h

@@ -108,3 +108,13 @@ def test_redis_refusals_for_now_are_recognised_also_inside_a_script_error() -> N
     assert not refused_for_now("ERR Error running script (call to f_1): @user_script:3: WRONGTYPE Operation against a key")
     assert not refused_for_now("WRONGTYPE Operation against a key holding the wrong kind of value")
     assert not refused_for_now("ERR unknown command 'BOOM'")
+
+
+def test_a_refusal_is_told_without_the_script_that_met_it() -> None:
+    """The 503's message names Redis's refusal, not our script's SHA and line."""
+    from dtsbridge.store import refusal_text
+    oom = "OOM command not allowed when used memory > 'maxmemory'."
+    assert refusal_text(oom + " script: 5c4d0e9a, on @user_script:1.") == oom
+    assert refusal_text("ERR Error running script (call to f_69ed7a78ea3354d341342bf33f17d680fa167a0e): "
+                        "@user_script:49: @user_script: 49: -" + oom) == oom
+    assert refusal_text("NOREPLICAS Not enough good replicas to write.") == "NOREPLICAS Not enough good replicas to write."
