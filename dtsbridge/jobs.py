@@ -15,7 +15,6 @@ the requests waiting for it through :class:`Waiters`.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import secrets
 import time
@@ -34,6 +33,7 @@ from dtsbridge.interfaces import ThreadRunner
 from dtsbridge.metrics import Metrics
 from dtsbridge.model import Job, Status, looks_like_job_id, now_iso
 from dtsbridge.store import AlreadyEnded, BadCode, Folder, JobGone, NotStaging, Publishing, Store, StoreUnavailable
+from dtsbridge.tokenfile import hash_token
 from dtsbridge.users import Users, staging_rel
 
 
@@ -88,10 +88,6 @@ class Waiters:
         for d in self._waiting.pop(job_id, []):
             if not d.called:
                 d.callback(None)
-
-
-def hash_code(code: str) -> str:
-    return hashlib.sha256(code.encode()).hexdigest()
 
 
 class Jobs:
@@ -217,7 +213,7 @@ class Jobs:
         code = secrets.token_urlsafe(24)
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.STAGING, user, subdirectory, submitter, "staged", None)
-        fields.update(authcode_hash=hash_code(code), staging_timeout=int(timeout))
+        fields.update(authcode_hash=hash_token(code), staging_timeout=int(timeout))
         if job_timeout is not None:
             fields["timeout_seconds"] = f"{job_timeout:g}"
         # the job and its staging deadline in one step: no job can wait for a stager forever
@@ -229,7 +225,7 @@ class Jobs:
                            staged_to: str | None, msg: str | None) -> Job:
         """The stager's report: queue the staged folder, or end the job in ERROR."""
         stored = await self.store.authcode_hash(job_id) if looks_like_job_id(job_id) else None
-        given = hash_code(code)
+        given = hash_token(code)
         if stored is None or not hmac.compare_digest(stored, given):
             raise errors.Forbidden("unknown job, wrong or used authcode, or the job is not waiting for staging")
         fields: dict[str, Any] = {"staged_to": staged_to, "stager_msg": msg, "stager_success": success}
