@@ -45,6 +45,8 @@ JOURNAL_MAX_BYTES = 512 * 1024 * 1024
 #: With ``fsync``, the filesystem is synced and a checkpoint recorded every this many journaled bytes.
 CHECKPOINT_BYTES = 256 * 1024 * 1024
 _JOURNAL_VERSION = 1
+#: One compact JSON encoder for every line (``json.dumps`` with options builds a new one per call).
+_encode = json.JSONEncoder(separators=(",", ":")).encode
 
 
 class _Journal:
@@ -67,7 +69,7 @@ class _Journal:
     def _write(self, objs: list[dict[str, Any]]) -> None:
         if self.fd is None:
             return
-        data = "".join(json.dumps(o, separators=(",", ":")) + "\n" for o in objs).encode()
+        data = "".join([_encode(o) + "\n" for o in objs]).encode()
         _write_all(self.fd, memoryview(data))  # O_APPEND: one write per call, never interleaved
 
     def add(self, recs: list[tuple[Any, ...]], checkpoint: bool = True, background: bool = False) -> None:

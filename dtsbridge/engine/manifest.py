@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import functools
 import hashlib
 import json
 import logging
@@ -158,9 +159,15 @@ def _parse_hash(value: Any, path: str) -> tuple[str, str] | None:
     hexd = hexd.strip().lower()
     if algo not in _MANIFEST_ALGOS:
         raise _bad_manifest(f"unknown hash algorithm {algo!r} for {path!r}")
-    if not _HEX_RE.fullmatch(hexd) or len(hexd) != 2 * hashlib.new(algo).digest_size:
+    if not _HEX_RE.fullmatch(hexd) or len(hexd) != _hex_length(algo):
         raise _bad_manifest(f"hash of {path!r} is not a valid {algo} digest")
     return algo, hexd
+
+
+@functools.cache
+def _hex_length(algo: str) -> int:
+    """Hex digits in a digest of ``algo`` (asked of hashlib once per algorithm, not per resource)."""
+    return 2 * hashlib.new(algo).digest_size
 
 
 def _open_manifest(dirfd: int, ino: int | None = None) -> int:
