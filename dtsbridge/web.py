@@ -185,7 +185,8 @@ def read_body(request: IRequest) -> dict[str, Any]:
         return body
     try:
         text = raw.decode("utf-8")
-        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+        # errors=strict: a %-escape that is not UTF-8 (``a=%ff``) is no valid form, not U+FFFD.
+        pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True, errors="strict")
     except (UnicodeDecodeError, ValueError):
         raise ApiError(400, "the body is neither JSON nor a valid form") from None
     out: dict[str, Any] = {}
