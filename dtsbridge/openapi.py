@@ -58,7 +58,22 @@ def _open_get(summary: str, description: str, media_type: str, schema: dict[str,
                     "responses": {"200": {"description": description, "content": {media_type: {"schema": schema}}}}}}
 
 
+#: What any request may get from the connection layer (``dtsbridge.http``), before its route runs.
+_CONNECTION = {
+    "408": _error("The request line, headers and body did not all arrive within [server] read_timeout_seconds"),
+    "431": _error("A request line or header is too long"),
+}
+
+
 def spec(version: str, staging_max_timeout: float = 604800) -> dict[str, Any]:
+    doc = _spec(version, staging_max_timeout)
+    for ops in doc["paths"].values():
+        for op in ops.values():
+            op["responses"].update(_CONNECTION)
+    return doc
+
+
+def _spec(version: str, staging_max_timeout: float) -> dict[str, Any]:
     job_props = {name: _FIELD_SCHEMA[t] for name, t in PUBLIC_FIELDS.items()}
     job_props["status"] = {"type": "string", "enum": STATUSES}
     return {
