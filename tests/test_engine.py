@@ -829,6 +829,30 @@ def test_cancel_mid_copy(env: Env, workers: int) -> None:
     assert os.listdir(env.alice / "t") == []                           # temp removed; target_subdir may stay
 
 
+def test_a_long_scan_reports_each_folder_and_can_be_cancelled(env: Env) -> None:
+    """The scan says it is moving (progress (0, 0) before each folder: a scan longer than
+    [copy] stall_seconds is no stall) and stops at a cancel, before anything is made."""
+    src = env.src()
+    for i in range(30):
+        (src / f"d{i:02d}").mkdir()
+        (src / f"d{i:02d}" / "f.txt").write_bytes(b"x" * i)
+    seen: list[tuple[int, int]] = []
+    r = env.copy(on_progress=lambda f, b: seen.append((f, b)))
+    assert seen[:31] == [(0, 0)] * 31                                  # the top folder and 30 below it
+    assert seen[-1] == (r.files, r.bytes) and r.files >= 30
+
+    asked = {"n": 0}
+
+    def stop() -> bool:
+        asked["n"] += 1
+        return asked["n"] > 10                                          # cancelled inside the scan
+
+    with raises(E.CANCELLED):
+        env.copy(parts=["alice", "t"], should_stop=stop)
+    assert asked["n"] == 11
+    assert not (env.alice / "t").exists()                               # the scan comes before any folder
+
+
 def test_cancel_before_start(env: Env) -> None:
     env.src()
     with raises(E.CANCELLED):

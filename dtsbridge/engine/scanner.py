@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import stat
+from collections.abc import Callable
 
 from dtsbridge.errors import (BAD_REQUEST, PAYLOAD_TOO_LARGE, SOURCE_CHANGED, SOURCE_NOT_FOUND, UNSAFE_ENTRY,
                               TransferError)
@@ -33,7 +34,12 @@ def _open_source_subdir(srcfd: int, rel: str, during: str) -> int:
         raise
 
 
-def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
+def _scan_fd(srcfd: int, max_bytes: int | None, on_folder: Callable[[], None] = lambda: None) -> Plan:
+    """Walk the folder ``srcfd``, refusing unsafe entries, and read its manifest.
+
+    ``on_folder`` is called before each folder is listed (the copy's caller hears
+    that a long scan is moving, and may stop it by raising).
+    """
     top_st = os.fstat(srcfd)
     dev = top_st.st_dev
     mnt = _mnt_id(srcfd)
@@ -43,6 +49,7 @@ def _scan_fd(srcfd: int, max_bytes: int | None) -> Plan:
     stack = [""]
     while stack:
         rel = stack.pop()
+        on_folder()
         dfd = _open_source_subdir(srcfd, rel, "the scan")
         with _fd(dfd):
             for name in sorted(os.listdir(dfd)):

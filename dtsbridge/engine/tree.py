@@ -74,7 +74,13 @@ def copy_tree(dts_root: str, source: Source, user_root: str, dest_parts: list[st
         srcfd = _open_source_dir(rootfd, rel)
         if should_stop():
             raise TransferError(CANCELLED, "cancelled")
-        plan = _scan_fd(srcfd, options.max_bytes)
+
+        def scanning() -> None:
+            if should_stop():
+                raise TransferError(CANCELLED, "cancelled")
+            on_progress(0, 0)  # a scan of many folders is moving too: no stall
+
+        plan = _scan_fd(srcfd, options.max_bytes, scanning)
         on_plan(plan)
         # (4) destination parent, (5) our temp folder.
         parentfd = _walk_dest(user_root, list(dest_parts), options.uid, options.gid, 1)
