@@ -1167,7 +1167,7 @@ def _run_resume(args: argparse.Namespace, work: Path) -> int:
                     read_all(dts / "multi")  # untimed: the source warm for both, as in the main benchmark
                     sync()
                     w0 = _service_writes(pid, redis_pids)
-                    dt = run_dtsbridge(svc, f"f{r}", "multi", files, nbytes)
+                    dt = run_dtsbridge(svc, f"f{r}" if r >= 0 else f"fw{-r}", "multi", files, nbytes)
                     w = _service_writes(pid, redis_pids) - w0
                     if r >= 0:
                         full_t.append(dt)
@@ -1176,15 +1176,16 @@ def _run_resume(args: argparse.Namespace, work: Path) -> int:
                         f"wrote {w / 1e6:7.0f} MB")
                     continue
                 # The crash: an async job, killed with its whole process group at kill-at of its bytes.
-                (svc.user_root / f"c{r}").mkdir(exist_ok=True)
-                resp = svc.complete(f"c{r}", "multi", asynchronous=True)
+                cu = f"c{r}" if r >= 0 else f"cw{-r}"  # a user of its own (a valid username)
+                (svc.user_root / cu).mkdir(exist_ok=True)
+                resp = svc.complete(cu, "multi", asynchronous=True)
                 if resp.status != 202:
                     raise SystemExit(f"async POST answered {resp.status}: {resp.body[:300]!r}")
                 job_id = resp.json()["job_id"]
                 # bytes_done in Redis moves once a second: watch the temporary folder itself instead.
                 deadline = time.perf_counter() + 600
-                while (got := _temp_bytes(svc.user_root / f"c{r}", job_id)) < args.resume_kill_at * nbytes:
-                    if time.perf_counter() > deadline or (svc.user_root / f"c{r}" / "multi").exists():
+                while (got := _temp_bytes(svc.user_root / cu, job_id)) < args.resume_kill_at * nbytes:
+                    if time.perf_counter() > deadline or (svc.user_root / cu / "multi").exists():
                         raise SystemExit(f"the job ended or stalled before it could be killed\n{svc.log_tail()}")
                     time.sleep(0.002)
                 svc.kill()
