@@ -314,7 +314,7 @@ def _worker_dirs(where: _Where) -> tuple[int, int]:
 def _worker_copy(where: _Where, files: list[tuple[Any, ...]], hashes: dict[str, tuple[tuple[str, str], ...]],
                  options: CopyOptions, dev: int) -> tuple[Any, ...]:
     """In a worker process: copy one batch (``files``: the :class:`_FileEntry` fields, as tuples,
-    which pickle in a third of the time).
+    which pickle in ~60% of the time attrs instances take).
 
     Answers ``("ok", files, bytes, files_cloned, bytes_cloned, reflink, hashed, unverified,
     unverified names, records)`` (``reflink``: whether cloning still seems possible; ``hashed``,
