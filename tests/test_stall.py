@@ -36,16 +36,19 @@ def _threads(pid: int) -> int:
 
 
 class Strace:
-    """``strace`` attached to every thread of a running process, delaying ``readv`` of one file."""
+    """``strace`` attached to every thread of a running process, delaying one system call
+    (``readv`` by default) on the given files or folders."""
 
-    def __init__(self, tmp_path: Path, pid: int, path: Path, delay_us: int) -> None:
+    def __init__(self, tmp_path: Path, pid: int, path: Path | list[Path], delay_us: int,
+                 syscall: str = "readv") -> None:
         if not os.access(STRACE, os.X_OK):
             pytest.skip("strace is not installed")
         self.err = tmp_path / f"strace-{delay_us}.err"
+        only = [a for p in (path if isinstance(path, list) else [path]) for a in ("-P", str(p.resolve()))]
         with open(self.err, "wb") as errf:
             self.proc = subprocess.Popen(
-                [STRACE, "-f", "-p", str(pid), "-P", str(path.resolve()), "-e", "trace=readv",
-                 "-e", f"inject=readv:delay_enter={delay_us}", "-o", str(tmp_path / f"strace-{delay_us}.out")],
+                [STRACE, "-f", "-p", str(pid), *only, "-e", f"trace={syscall}",
+                 "-e", f"inject={syscall}:delay_enter={delay_us}", "-o", str(tmp_path / f"strace-{delay_us}.out")],
                 stdout=subprocess.DEVNULL, stderr=errf)
         n = _threads(pid)
         try:
@@ -216,6 +219,25 @@ def test_a_slow_copy_that_keeps_moving_is_not_stalled(tmp_path: Path, redis_proc
     assert r.status == 201, r
     assert took > 3, f"the reads were not slowed ({took:.1f} s)"
     assert (svc.user_root / "alice" / "slow" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
+
+
+def test_a_long_scan_that_keeps_moving_is_not_stalled(tmp_path: Path, redis_proc: RedisProcess, services) -> None:
+    """Listing each of 8 folders waits ~0.6 s (strace delays getdents64): the scan takes ~5 s, longer
+    than stall_seconds, but it reports each folder, so it is no stall."""
+    svc = services({"copy": {"stall_seconds": "2", "processes": "0"}}, start=False)
+    src = make_tree(svc.dts_root / "wide", {f"d{i}": {"f.txt": b"x" * i} for i in range(8)})
+    svc.start()
+    tracer = Strace(tmp_path, svc.proc.pid, [src / f"d{i}" for i in range(8)], delay_us=300_000,
+                    syscall="getdents64")
+    try:
+        t = time.monotonic()
+        r = svc.complete("alice", "wide")
+        took = time.monotonic() - t
+    finally:
+        tracer.stop()
+    assert r.status == 201, r
+    assert took > 3, f"the listings were not slowed ({took:.1f} s)"
+    assert sorted(os.listdir(svc.user_root / "alice" / "wide")) == [f"d{i}" for i in range(8)]
 
 
 @pytest.mark.timeout(120)
