@@ -240,6 +240,34 @@ def test_a_long_scan_that_keeps_moving_is_not_stalled(tmp_path: Path, redis_proc
     assert sorted(os.listdir(svc.user_root / "alice" / "wide")) == [f"d{i}" for i in range(8)]
 
 
+def test_a_cancel_stops_a_long_scan(tmp_path: Path, redis_proc: RedisProcess, services) -> None:
+    """A cancel during a slow scan (each folder's listing delayed 0.5 s) ends it at the next folder:
+    CANCELLED within about a folder's time, and nothing is left in the user's folder."""
+    svc = services({"copy": {"processes": "0"}}, start=False)
+    src = make_tree(svc.dts_root / "wide", {f"d{i}": {"f.txt": b"x"} for i in range(20)})
+    svc.start()
+    tracer = Strace(tmp_path, svc.proc.pid, [src / f"d{i}" for i in range(20)], delay_us=500_000,
+                    syscall="getdents64")
+    try:
+        r = svc.complete("alice", "wide", asynchronous=True)
+        assert r.status == 202, r
+        job_id = r.json()["job_id"]
+        wait_until(lambda: svc.status(job_id).json()["status"] == "TRANSFERRING", 10, "the copy to start")
+        time.sleep(1)  # inside the scan (20 folders at ~1 s each)
+        t = time.monotonic()
+        assert svc.call("POST", "/cancelTransfer", token=DTS_TOKEN, json_body={"job_id": job_id}).status == 200
+        wait_until(lambda: svc.status(job_id).json()["status"] == "CANCELLED", 10, "the cancel")
+        assert time.monotonic() - t < 5
+        wait_until(lambda: leftovers(svc.user_root) == [], 10, "nothing left")
+        time.sleep(6)  # a scan that went on would list ~6 more folders meanwhile
+        out = (tmp_path / "strace-500000.out").read_text(errors="replace")
+        listed = out.count("getdents64(")  # two a folder (the second finds the end)
+        assert 0 < listed <= 8, f"the scan went on after the cancel: {listed} listings\n{out[-2000:]}"
+    finally:
+        tracer.stop()
+    assert not (svc.user_root / "alice" / "wide").exists()
+
+
 @pytest.mark.timeout(120)
 def test_timeout_seconds_ends_running_queued_and_staging_jobs(tmp_path: Path, redis_proc: RedisProcess,
                                                               services) -> None:
