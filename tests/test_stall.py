@@ -74,6 +74,17 @@ class Strace:
                 self.proc.wait(10)
 
 
+def complete_traced(svc: DtsBridge, folder: str, tracer: Strace) -> tuple[Response, float]:
+    """A synchronous /complete_transfer of ``folder`` for alice while ``tracer`` slows the service
+    (detached afterwards, whatever happens): the answer and how long it took."""
+    try:
+        t = time.monotonic()
+        r = svc.complete("alice", folder)
+        return r, time.monotonic() - t
+    finally:
+        tracer.stop()
+
+
 class Call(threading.Thread):
     """A synchronous /complete_transfer in the background (a waiting DTS)."""
 
@@ -209,13 +220,7 @@ def test_a_slow_copy_that_keeps_moving_is_not_stalled(tmp_path: Path, redis_proc
     svc = services({"copy": {"stall_seconds": "2.5", "processes": "0"}}, start=False)
     src = make_tree(svc.dts_root / "slow", {"big.bin": os.urandom(4 * 1024 * 1024)})
     svc.start()
-    tracer = Strace(tmp_path, svc.proc.pid, src / "big.bin", delay_us=250_000)
-    try:
-        t = time.monotonic()
-        r = svc.complete("alice", "slow")
-        took = time.monotonic() - t
-    finally:
-        tracer.stop()
+    r, took = complete_traced(svc, "slow", Strace(tmp_path, svc.proc.pid, src / "big.bin", delay_us=250_000))
     assert r.status == 201, r
     assert took > 3, f"the reads were not slowed ({took:.1f} s)"
     assert (svc.user_root / "alice" / "slow" / "big.bin").read_bytes() == (src / "big.bin").read_bytes()
@@ -227,14 +232,8 @@ def test_a_long_scan_that_keeps_moving_is_not_stalled(tmp_path: Path, redis_proc
     svc = services({"copy": {"stall_seconds": "2", "processes": "0"}}, start=False)
     src = make_tree(svc.dts_root / "wide", {f"d{i}": {"f.txt": b"x" * i} for i in range(8)})
     svc.start()
-    tracer = Strace(tmp_path, svc.proc.pid, [src / f"d{i}" for i in range(8)], delay_us=300_000,
-                    syscall="getdents64")
-    try:
-        t = time.monotonic()
-        r = svc.complete("alice", "wide")
-        took = time.monotonic() - t
-    finally:
-        tracer.stop()
+    r, took = complete_traced(svc, "wide", Strace(tmp_path, svc.proc.pid, [src / f"d{i}" for i in range(8)],
+                                                  delay_us=300_000, syscall="getdents64"))
     assert r.status == 201, r
     assert took > 3, f"the listings were not slowed ({took:.1f} s)"
     assert sorted(os.listdir(svc.user_root / "alice" / "wide")) == [f"d{i}" for i in range(8)]
