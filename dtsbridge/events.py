@@ -41,6 +41,17 @@ REPLAY_WORKERS = 4  # replay pages worked on at once per process; other replays 
 REPLAY_SLICE = 0.004  # seconds of reactor time a replay uses before letting the reactor run
 REPLAY_CACHE = 32  # complete replay pages kept, shared by streams resuming from the same place
 EVENT_ID = re.compile(r"^[0-9]{1,20}(-[0-9]{1,20})?$")
+_ID_MAX = 2**64 - 1  # each part of a Redis stream id is an unsigned 64-bit number
+
+
+def is_event_id(text: str) -> bool:
+    """Whether ``text`` is an event id a stream can resume after: ``ms`` or ``ms-seq``, each part
+    at most 2**64-1 (Redis refuses larger ones), and not the largest id of all (nothing comes after it)."""
+    if not EVENT_ID.match(text):
+        return False
+    ms, _, seq = text.partition("-")
+    parts = (int(ms), int(seq or 0))
+    return max(parts) <= _ID_MAX and parts != (_ID_MAX, _ID_MAX)
 
 
 class SlowClient(Exception):

@@ -32,7 +32,7 @@ from werkzeug.exceptions import HTTPException
 from zope.interface import implementer
 
 from dtsbridge import auth, errors
-from dtsbridge.events import EVENT_ID, EventHub, SlowClient, Subscriber
+from dtsbridge.events import EventHub, SlowClient, Subscriber, is_event_id
 from dtsbridge.http import KNOWN_ROUTES, MAX_BODY, error_body
 from dtsbridge.interfaces import Authenticator
 from dtsbridge.jobs import Caller, Jobs
@@ -483,8 +483,9 @@ class Api:
         """Server-Sent Events of job changes (see :mod:`dtsbridge.events`)."""
         user, job_id = fields.arg("user"), fields.arg("job_id")
         after = (request.getHeader(b"last-event-id") or b"").decode("latin-1").strip() or fields.arg("last_event_id")
-        if after is not None and not EVENT_ID.match(after):
-            raise ApiError(400, "Last-Event-ID must be an event id such as 1767225600000-0")
+        if after is not None and not is_event_id(after):
+            raise ApiError(400, "Last-Event-ID must be an event id such as 1767225600000-0 "
+                                "(each part at most 18446744073709551615)")
         visible = None if who.transfer else who.scope(user, "you may follow only your own jobs")
         if self.events is None:
             raise ApiError(503, "events are not available")

@@ -188,6 +188,19 @@ def test_events_refuse_bad_requests(services):
     assert SseStream(b.port, "/events?user=bob", token=ALICE_TOKEN).status == 403
     bad = SseStream(b.port, token=DTS_TOKEN, headers={"Last-Event-ID": "yesterday"})
     assert bad.status == 400 and b"Last-Event-ID" in bad.body
+    # Ids of the right shape that Redis refuses (a part over 2**64-1, or nothing can follow): 400, not a
+    # 500 written into a stream already answered 200.
+    for out_of_range in ("18446744073709551615-18446744073709551615", "99999999999999999999-0",
+                         "0-99999999999999999999", "18446744073709551616"):
+        for stream in (SseStream(b.port, token=DTS_TOKEN, headers={"Last-Event-ID": out_of_range}),
+                       SseStream(b.port, f"/events?last_event_id={out_of_range}", token=DTS_TOKEN)):
+            assert stream.status == 400 and b"Last-Event-ID" in stream.body, (out_of_range, stream.body)
+    # The largest ids Redis takes are still fine to resume after.
+    for edge in ("18446744073709551615", "18446744073709551614-18446744073709551615", "0-18446744073709551615"):
+        ok = SseStream(b.port, token=DTS_TOKEN, headers={"Last-Event-ID": edge})
+        assert ok.status == 200, (edge, ok.body)
+        ok.close()
+    assert "Traceback" not in b.log_text() and "unexpected error" not in b.log_text(), b.log_tail(50)
     ok = SseStream(b.port, "/events?user=alice", token=ALICE_TOKEN)
     assert ok.status == 200
     ok.close()
