@@ -213,7 +213,7 @@ class Jobs:
         code = secrets.token_urlsafe(24)
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.STAGING, user, subdirectory, submitter, "staged", None)
-        fields.update(authcode_hash=hash_token(code), staging_timeout=int(timeout))
+        fields.update(authcode_hash=hash_token(code), staging_timeout=f"{timeout:g}")
         if job_timeout is not None:
             fields["timeout_seconds"] = f"{job_timeout:g}"
         # the job and its staging deadline in one step: no job can wait for a stager forever

@@ -91,7 +91,7 @@ PUBLIC_FIELDS: dict[str, FieldType] = {
     "stager_msg": FieldType.STR,
     "stager_path": FieldType.STR,
     "stager_success": FieldType.BOOL,
-    "staging_timeout": FieldType.INT,
+    "staging_timeout": FieldType.FLOAT,
     "timeout_seconds": FieldType.FLOAT,
     "manifest_resources": FieldType.INT,
     "manifest_size_only": FieldType.INT,
@@ -150,7 +150,9 @@ class Job:
             elif k in FLOAT_FIELDS:
                 try:
                     value = float(v)
-                except (TypeError, ValueError):
+                    if value.is_integer():
+                        value = int(value)  # 30, as asked, not 30.0
+                except (TypeError, ValueError, OverflowError):
                     value = None
             elif k in BOOL_FIELDS:
                 value = v in ("1", "true", "True")

@@ -311,6 +311,13 @@ def test_staging_timeout(bridges) -> None:
     assert done(b, jid, code, True).status == 403  # too late
     assert submit(b, "alice", "x", staging_timeout="soon").status == 400
     assert submit(b, "alice", "x", staging_timeout=-1).status == 400
+    # A fraction of a second is kept as given, in the record and in the message (it was cut to 0).
+    r = submit(b, "alice", "brief", staging_timeout=0.9)
+    assert r.status == 202, r
+    s = b.wait_status(r.json()["job_id"], {"ERROR", "SUCCESS", "CANCELLED", "SUBMITTED"}, timeout=15)
+    assert s["reason"] == "staging_timeout" and s["staging_timeout"] == 0.9, s
+    assert "within 0.9 seconds" in s["detailed_status"], s
+    assert job(b, jid)["staging_timeout"] == 1 and isinstance(job(b, jid)["staging_timeout"], int)
 
 
 @pytest.mark.timeout(180)
