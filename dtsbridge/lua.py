@@ -315,11 +315,22 @@ end
 return st
 """
 
-# ARGV: prefix, id, token, field, value, ... ; 1 when the claim holds and the job, still
-# copying, may publish (its publish record is set), else 0
-FENCE = _CONSTANTS + _HELD + _FIELDS + _JOB + """
+# ARGV: prefix, id, token, iso_now, field, value, ... ; 1 when the claim holds and the job, still
+# copying and within its timeout_seconds, may publish (its publish record is set), else 0 (a job
+# past its timeout_seconds ends in ERROR 'timeout' here)
+FENCE = _FAIL + _UNCOUNT + _HELD + _JOB + """
 if not held(key, ARGV[3]) or redis.call('HGET', key, 'status') ~= TRANSFERRING then return 0 end
-set_fields(key, 4)
+local due = redis.call('ZSCORE', P .. ':deadlines', id)
+if due and tonumber(due) <= now then
+  -- Past its timeout_seconds: it ends here instead of publishing late (the deadline sweep runs
+  -- once a second and leaves alone a job that passed this fence).
+  redis.call('ZREM', P .. ':deadlines', id)
+  uncount(P, key)
+  fail(P, id, key, ARGV[4], R_TIMEOUT,
+       'not finished within its timeout of ' .. (redis.call('HGET', key, 'timeout_seconds') or '?') .. ' seconds')
+  return 0
+end
+set_fields(key, 5)
 redis.call('HSET', key, 'publishing', ARGV[3])
 return 1
 """

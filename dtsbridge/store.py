@@ -61,7 +61,7 @@ from twisted.logger import Logger
 
 from dtsbridge import lua
 from dtsbridge.lua import DEFAULT_RETAIN_MS, EVENT_KEEP_MS, WATCH_MARK_MS
-from dtsbridge.model import Job, Status
+from dtsbridge.model import Job, Status, now_iso
 
 if TYPE_CHECKING:
     from dtsbridge.hooks import HookQueue
@@ -469,8 +469,9 @@ class Store:
 
     async def fence(self, job_id: str, token: str, fields: Mapping[str, object]) -> bool:
         """Record the publish (``fields``) and pass the fence: True when the claim holds and the job
-        is still copying, so it may publish; False: it must not (lost, cancelled, ended)."""
-        return bool(await self._eval_replicated(lua.FENCE, [], [job_id, token, *_flat(fields)]))
+        is still copying, so it may publish; False: it must not (lost, cancelled, ended, or past its
+        ``timeout_seconds``: then it ends here, in ERROR ``timeout``)."""
+        return bool(await self._eval_replicated(lua.FENCE, [], [job_id, token, now_iso(), *_flat(fields)]))
 
     async def unfence(self, job_id: str, token: str) -> bool:
         """Forget a dead attempt's publish record once it is known not to have published (False: claim lost)."""

@@ -355,6 +355,8 @@ class Worker(MultiService):
             except LeaseLost:
                 return  # another attempt holds the job: its result is that attempt's to record
             if run.ended is None:
+                if ended != status:  # an end recorded meanwhile stands (a deadline met at the publish fence)
+                    fields = await self._kept_end(job_id, fields)
                 self.metrics.jobs_finished.labels(ended.value, fields.get("reason", "") if ended != Status.CANCELLED
                                                   else errors.CANCELLED).inc()
                 self.metrics.job_seconds.labels(ended.value).observe(time.monotonic() - run.started)
@@ -367,6 +369,16 @@ class Worker(MultiService):
             self.metrics.in_flight.set(len(self.active))
             self.on_ended(job_id)
             self.claim_soon()
+
+    async def _kept_end(self, job_id: str, fields: Fields) -> Fields:
+        """The reason and detail of the end the store kept instead of this attempt's (for the log and metrics)."""
+        try:
+            job = await self.store.get_job(job_id)
+        except StoreUnavailable:
+            return fields
+        if job is None:
+            return fields
+        return {"reason": job.reason or "", "detailed_status": job.detailed_status or ""}
 
     # -- housekeeping ------------------------------------------------------
 

@@ -253,6 +253,28 @@ async def test_fence_lets_only_the_holder_of_a_copying_job_publish(store: Store)
 
 
 @pytest_twisted.ensureDeferred
+async def test_fence_ends_a_job_past_its_timeout_instead_of_letting_it_publish(store: Store) -> None:
+    # The deadline sweep runs once a second and leaves a job that passed the fence alone, so a copy
+    # that reached publishing between its deadline and the next sweep used to end SUCCESS, late.
+    late, timely = new_id(), new_id()
+    await store.create_job(late, fields(timeout_seconds="0.05"))
+    assert await store.claim("tok", "h:1", 30, T) == late
+    await store.create_job(timely, fields("bob", timeout_seconds="60"))
+    assert await store.claim("tok2", "h:1", 30, T) == timely
+    await sleep(0.1)
+    assert await store.fence(late, "tok", {"publish_ino": 7}) is False
+    h = await job(store, late)
+    assert (h["status"], h["reason"]) == ("ERROR", "timeout"), h
+    assert h["detailed_status"] == "not finished within its timeout of 0.05 seconds", h
+    assert "publishing" not in h and "publish_ino" not in h and h["claim"] == "tok"  # its worker stops, then lets go
+    assert await redis(store, "ZSCORE", store.key("deadlines"), late) is None
+    assert await redis(store, "HGETALL", store.key("user_active")) == ["bob", "1"]
+    assert await store.record_result(late, "tok", Status.CANCELLED, T, {}) == Status.ERROR  # the end stands
+    assert await store.fence(timely, "tok2", {"publish_ino": 8}) is True  # within its time: publishes
+    assert (await job(store, timely))["publishing"] == "tok2"
+
+
+@pytest_twisted.ensureDeferred
 async def test_unfence_forgets_a_dead_attempts_publish_record(store: Store) -> None:
     j = new_id()
     await claimed(store, j, "tok")
