@@ -32,6 +32,7 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from dtsbridge.model import Job
 from dtsbridge.store import Store, StoreUnavailable, parse_events
@@ -357,12 +358,29 @@ class EventHub:
             page = await self._wait(cursor)
             if len(page) >= REPLAY_PAGE:
                 return page
-            self.pages_read += 1
-            return entries(await self.store.event_entries(cursor, count=REPLAY_PAGE))
+            return await self._own_page(cursor)
         self._fetching[cursor] = []
         mine = self._wait(cursor)
         ensureDeferred(self._fetch(cursor))
         return await mine
+
+    def _own_page(self, cursor: str) -> Deferred[list[Entry]]:
+        """A stream's own read of the page after ``cursor``, run on its own like a shared one: a
+        client hanging up cancels only the wait (a cancelled Redis call would be an error)."""
+        mine: Deferred[list[Entry]] = Deferred()
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                if not mine.called:
+                    mine.errback(result)
+                return None
+            self.pages_read += 1
+            if not mine.called:
+                mine.callback(entries(result))
+            return None
+
+        ensureDeferred(self.store.event_entries(cursor, count=REPLAY_PAGE)).addBoth(done)
+        return mine
 
     def _wait(self, cursor: str) -> Deferred[list[Entry]]:
         d: Deferred[list[Entry]] = Deferred()

@@ -31,7 +31,7 @@ from dtsbridge import engine, errors
 from dtsbridge.config import Config
 from dtsbridge.interfaces import ThreadRunner
 from dtsbridge.metrics import Metrics
-from dtsbridge.model import Job, Status, looks_like_job_id, now_iso
+from dtsbridge.model import Job, Status, exact, looks_like_job_id, now_iso
 from dtsbridge.store import AlreadyEnded, BadCode, Folder, JobGone, NotStaging, Publishing, Store, StoreUnavailable
 from dtsbridge.tokenfile import hash_token
 from dtsbridge.users import Users, staging_rel
@@ -163,7 +163,7 @@ class Jobs:
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.SUBMITTED, user, subdirectory, submitter, kind, source)
         if timeout is not None:
-            fields["timeout_seconds"] = f"{timeout:g}"
+            fields["timeout_seconds"] = exact(timeout)
         created, job_id = await self.store.create_job(job_id, fields, Folder(user, source.rel))
         if created:
             self.log.info("job {job_id} queued: {folder} for {user} by {submitter}", job_id=job_id,
@@ -213,9 +213,9 @@ class Jobs:
         code = secrets.token_urlsafe(24)
         job_id = str(uuid.uuid4())
         fields = self._new_fields(Status.STAGING, user, subdirectory, submitter, "staged", None)
-        fields.update(authcode_hash=hash_token(code), staging_timeout=f"{timeout:g}")
+        fields.update(authcode_hash=hash_token(code), staging_timeout=exact(timeout))
         if job_timeout is not None:
-            fields["timeout_seconds"] = f"{job_timeout:g}"
+            fields["timeout_seconds"] = exact(job_timeout)
         # the job and its staging deadline in one step: no job can wait for a stager forever
         await self.store.create_staging_job(job_id, fields, timeout)
         self.log.info("job {job_id} waits for a stager ({timeout:g} s)", job_id=job_id, timeout=timeout)

@@ -54,6 +54,13 @@ def can_move(old: Status, new: Status) -> bool:
     return new in TRANSITIONS[old]
 
 
+def exact(seconds: float) -> str:
+    """A number as stored in a job's record: exactly the float given (``repr``; ``:g`` kept 6 digits,
+    and the deadline scripts read the stored text), a whole one below 2**53 without ``.0``."""
+    n = float(seconds)
+    return str(int(n)) if n.is_integer() and abs(n) < 2**53 else repr(n)
+
+
 def now_iso() -> str:
     """The current time as ISO 8601 UTC with milliseconds, e.g. ``2026-11-25T14:18:57.123Z``."""
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")

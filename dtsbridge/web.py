@@ -271,9 +271,9 @@ class Fields:
                 raise ValueError
             n = float(value)
         except (TypeError, ValueError, OverflowError):
-            raise ApiError(400, f"{name} must be a number of seconds greater than 0") from None
+            raise ApiError(400, f"{name} must be a finite number of seconds greater than 0") from None
         if not (0 < n < float("inf")):  # also refuses NaN
-            raise ApiError(400, f"{name} must be a number of seconds greater than 0")
+            raise ApiError(400, f"{name} must be a finite number of seconds greater than 0")
         return n
 
     def number(self, name: str) -> float | None:
@@ -287,7 +287,7 @@ class Fields:
             n = float(value)
             if n != n:  # NaN
                 raise ValueError
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # (an integer beyond any float overflows)
             raise ApiError(400, f"{name} must be a number of seconds") from None
         return n
 

@@ -206,6 +206,34 @@ def test_events_refuse_bad_requests(services):
     ok.close()
 
 
+def test_streams_resuming_together_and_hanging_up_log_no_error(services):
+    # A stream whose shared replay page came back short reads its own; a hang-up used to cancel
+    # that Redis call, and the cancel was logged as "Redis did not answer" with a traceback.
+    b = services()
+    make_tree(b.dts_root / "s", {"a.bin": b"a"})
+    for _ in range(3):
+        assert b.complete("alice", "s", asynchronous=True).status == 202
+
+    def resume_and_hang_up(last_id: str) -> None:
+        conn = http.client.HTTPConnection("127.0.0.1", b.port, timeout=5)
+        conn.request("GET", "/events", headers={"Authorization": DTS_TOKEN, "Last-Event-ID": last_id})
+        r = conn.getresponse()
+        assert r.status == 200
+        r.fp.read1(100)
+        conn.close()
+
+    for rnd in range(20):
+        clients = [threading.Thread(target=resume_and_hang_up, args=(f"0-{rnd}",)) for _ in range(8)]
+        for t in clients:
+            t.start()
+        for t in clients:
+            t.join(10)
+    time.sleep(1)
+    log = b.log_text()
+    assert "Traceback" not in log and "Unhandled Error" not in log and "did not answer" not in log, b.log_tail(60)
+    assert b.call("GET", "/healthz").status == 200
+
+
 def test_events_keepalive_hangups_and_a_crowd_of_streams(services):
     b = services()
     make_tree(b.dts_root / "one", {"f.txt": b"hello"})

@@ -308,13 +308,26 @@ def test_bad_timeout_seconds_is_400_and_creates_nothing(tmp_path: Path, redis_pr
                                                         services) -> None:
     svc = services()
     make_tree(svc.dts_root / "f", {"a.txt": b"a"})
-    for bad in ('0', '-1', '"abc"', 'true', '"nan"', '"inf"', '[]', '{"s": 1}', '1e400', '"0"'):
+    big = "1" + "0" * 400  # a JSON integer beyond any float: float() overflows
+    for bad in ('0', '-1', '"abc"', 'true', '"nan"', '"inf"', '[]', '{"s": 1}', '1e400', '"0"', big):
         for path in ("/complete_transfer", "/submitTransfer"):
             raw = b'{"target_user": "alice", "subdirectory": "f", "timeout_seconds": %s}' % bad.encode()
             r = svc.call("POST", path, token=DTS_TOKEN, raw=raw, headers={"Content-Type": "application/json"})
             assert r.status == 400, (path, bad, r)
             assert "timeout_seconds" in r.json()["error"]["message"]
+    raw = b'{"target_user": "alice", "subdirectory": "f", "staging_timeout": %s}' % big.encode()
+    r = svc.call("POST", "/submitTransfer", token=DTS_TOKEN, raw=raw, headers={"Content-Type": "application/json"})
+    assert r.status == 400 and "staging_timeout" in r.json()["error"]["message"], r
     assert svc.call("GET", "/jobs", token=DTS_TOKEN).json()["jobs"] == []
+    assert "Traceback" not in svc.log_text() and "unexpected error" not in svc.log_text(), svc.log_tail(40)
+    # Numbers are kept exactly as given (they were cut to 6 digits: 1234567 became 1234570).
+    for job_s, staging_s in ((1234567, 123456.7), (123456.7, 0.1234567), (0.1234567, 604800)):
+        r = svc.call("POST", "/submitTransfer", token=DTS_TOKEN, json_body={
+            "target_user": "alice", "subdirectory": "later", "timeout_seconds": job_s, "staging_timeout": staging_s})
+        assert r.status == 202, r
+        shown = svc.status(r.json()["job_id"]).json()
+        assert (shown["timeout_seconds"], shown["staging_timeout"]) == (job_s, staging_s), shown
+        assert svc.call("POST", "/cancelTransfer", token=DTS_TOKEN, json_body={"job_id": r.json()["job_id"]}).status == 200
     # A good one is accepted, recorded and shown.
     r = svc.call("POST", "/complete_transfer", token=DTS_TOKEN, form={
         "target_user": "alice", "subdirectory": "f", "timeout_seconds": "30"})
