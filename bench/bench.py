@@ -558,7 +558,7 @@ def manifest_latency(svc: DtsBridge, stress: dict[str, Any], poll: float) -> dic
 
 def write_cost(work: Path, n: int = 1000, size: int = 36 * 1024, tries: int = 3) -> float:
     """Microseconds to create, write and close one new ``size``-byte file on ``work``'s filesystem, on one
-    core (best of ``tries`` × ``n`` files, each try in a new folder, left in place).
+    core (best of ``tries`` × ``n`` files, each try in a new folder, left in place); also printed.
 
     Both contenders pay this for every file they write.  On the VMs measured here it is most of a
     *many* job's kernel time and moved 2x with the memory state (the page cache's new pages), so it
@@ -580,6 +580,7 @@ def write_cost(work: Path, n: int = 1000, size: int = 36 * 1024, tries: int = 3)
         finally:
             os.close(dfd)
     sync()
+    say(f"new-file write on this filesystem: {best:.0f} us per {size // 1024} KiB file (create + write + close, one core)")
     return best
 
 
@@ -606,7 +607,6 @@ def run_dts(args: argparse.Namespace, work: Path) -> int:
         if path is not None:
             say(f"memory warm-up: {size / (1 << 30):.1f} GiB in {dt:.1f} s")
     wcost = write_cost(work)
-    say(f"new-file write on this filesystem: {wcost:.0f} us per 36 KiB file (create + write + close, one core)")
     sets = [(s, k) for s in ("jdp", "s3") for k in ("big", "many")]
     per = 2 * (args.big_files * args.big_mib * MiB + args.many * 36 * 1024)
     need = int(per * (1 + 2 * args.rounds) * 1.1) + args.manifest_resources * 8192 + (1 << 30)
@@ -822,7 +822,6 @@ def _run(args: argparse.Namespace, work: Path) -> int:
             say(f"memory warm-up: read {size / (1 << 30):.1f} GiB of a sparse file into the page cache "
                 f"in {dt:.1f} s ({size / dt / 1e6:.0f} MB/s)")
     wcost = write_cost(work)
-    say(f"new-file write on this filesystem: {wcost:.0f} us per 36 KiB file (create + write + close, one core)")
 
     # 2. datasets (check the disk first: nothing is deleted before the end)
     per_copy = args.big_files * args.big_mib * MiB + args.many * 36 * 1024

@@ -32,7 +32,6 @@ from twisted.internet import defer, task
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.python.failure import Failure
 
 from dtsbridge.model import Job
 from dtsbridge.store import Store, StoreUnavailable, parse_events
@@ -368,18 +367,7 @@ class EventHub:
         """A stream's own read of the page after ``cursor``, run on its own like a shared one: a
         client hanging up cancels only the wait (a cancelled Redis call would be an error)."""
         mine: Deferred[list[Entry]] = Deferred()
-
-        def done(result: Any) -> None:
-            if isinstance(result, Failure):
-                if not mine.called:
-                    mine.errback(result)
-                return None
-            self.pages_read += 1
-            if not mine.called:
-                mine.callback(entries(result))
-            return None
-
-        ensureDeferred(self.store.event_entries(cursor, count=REPLAY_PAGE)).addBoth(done)
+        ensureDeferred(self._fetch(cursor, [mine]))
         return mine
 
     def _wait(self, cursor: str) -> Deferred[list[Entry]]:
@@ -387,11 +375,13 @@ class EventHub:
         self._fetching[cursor].append(d)
         return d
 
-    async def _fetch(self, cursor: str) -> None:
+    async def _fetch(self, cursor: str, own: list[Deferred[list[Entry]]] | None = None) -> None:
+        """Read the page after ``cursor`` for the streams waiting on the shared read (or for ``own``
+        waits: a stream's own read); a complete page is kept either way."""
         try:
             page = entries(await self.store.event_entries(cursor, count=REPLAY_PAGE))
         except Exception as e:  # noqa: BLE001 - handed to every stream waiting for this page
-            for d in self._fetching.pop(cursor, []):
+            for d in self._fetching.pop(cursor, []) if own is None else own:
                 if not d.called:
                     d.errback(e)
             return
@@ -400,7 +390,7 @@ class EventHub:
             self._pages[cursor] = page
             while len(self._pages) > REPLAY_CACHE:
                 self._pages.popitem(last=False)
-        for d in self._fetching.pop(cursor, []):
+        for d in self._fetching.pop(cursor, []) if own is None else own:
             if not d.called:  # (a cancelled wait: its client hung up)
                 d.callback(page)
 

@@ -41,6 +41,8 @@ _CONSTANTS = (
     + _lua_set("CLAIMABLE", CLAIMABLE)
     + "".join(f"local R_{r.upper()} = '{r}'\n"
               for r in (errors.CANCELLED, errors.TIMEOUT, errors.STAGING_FAILED, errors.STAGING_TIMEOUT))
+    # what a job past its timeout_seconds says (the deadline sweep's and the publish fence's)
+    + "local TIMEOUT_DETAIL = 'not finished within its timeout of '\n"
 )
 
 _NOW = """
@@ -327,7 +329,7 @@ if due and tonumber(due) <= now then
   redis.call('ZREM', P .. ':deadlines', id)
   uncount(P, key)
   fail(P, id, key, ARGV[4], R_TIMEOUT,
-       'not finished within its timeout of ' .. (redis.call('HGET', key, 'timeout_seconds') or '?') .. ' seconds')
+       TIMEOUT_DETAIL .. (redis.call('HGET', key, 'timeout_seconds') or '?') .. ' seconds')
   return 0
 end
 set_fields(key, 5)
@@ -497,7 +499,7 @@ return 'OK'
 SWEEP_DEADLINES = _FAIL + _UNCOUNT + """
 local P = ARGV[1]
 """ + _SWEEP + """
-return sweep(P .. ':deadlines', 100, ARGV[2], R_TIMEOUT, 'not finished within its timeout of ', 'timeout_seconds',
+return sweep(P .. ':deadlines', 100, ARGV[2], R_TIMEOUT, TIMEOUT_DETAIL, 'timeout_seconds',
   function(id, key)
     local st = redis.call('HGET', key, 'status')
     if (not st) or ENDED[st] or redis.call('HEXISTS', key, 'publishing') == 1 then return false end
